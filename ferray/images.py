@@ -13,6 +13,9 @@ from ferray.schema import status
 # PIL's own bomb guard warns or raises at a fixed size; ferray checks its configured limit itself.
 Image.MAX_IMAGE_PIXELS = None
 
+# Leading bytes of the formats ferray meets (PNG, JPEG, GIF, BMP, TIFF both orders, WebP/RIFF).
+_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
 
 class DecodeError(ValueError):
     """An image could not be decoded; `reason` is the status suffix (`truncated`, `not_image` …)."""
@@ -43,6 +46,9 @@ def open_checked(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     except DecodeError:
         raise
     except UnidentifiedImageError:
+        if data.startswith(_MAGIC):
+            # An image signature PIL cannot parse: a damaged or cut-off header, not a stray file.
+            raise DecodeError("corrupt", "image header is damaged or cut short") from None
         raise DecodeError("not_image", "not a recognised image format") from None
     except OSError as error:
         text = str(error)

@@ -169,7 +169,9 @@ class Tree:
         self.storage = storage
         self.fs, self.path = url_to_fs(uri, storage)
         lower = self.uri.lower()
-        self.kind = "zip" if lower.endswith(".zip") else "tar" if lower.endswith(ARCHIVE_SUFFIXES) else "dir"
+        # A single non-archive file (e.g. `fer2013.csv`) is a tree of one member.
+        self.kind = "zip" if lower.endswith(".zip") else "tar" if lower.endswith(ARCHIVE_SUFFIXES) else (
+            "dir" if not self.fs.isfile(self.path) else "file")
         self._archive: zipfile.ZipFile | tarfile.TarFile | None = None
         self._handle: Any = None
 
@@ -191,7 +193,10 @@ class Tree:
 
     def files(self) -> list[TreeFile]:
         """Every file, sorted by member name; directories are not files."""
-        if self.kind == "dir":
+        if self.kind == "file":
+            name = posixpath.basename(self.path)
+            out = [TreeFile(name, name, int(self.fs.size(self.path)))]
+        elif self.kind == "dir":
             if not self.fs.isdir(self.path):
                 raise StorageError(f"not a folder or archive: {self.uri}")
             found = self.fs.find(self.path, detail=True)
@@ -220,10 +225,12 @@ class Tree:
         return sorted(out, key=lambda f: f.member)
 
     def member_uri(self, member: str) -> str:
-        return join(self.uri, member)
+        return self.uri if self.kind == "file" else join(self.uri, member)
 
     def read(self, member: str) -> bytes:
         """The bytes of one member; never extracts anything to disk."""
+        if self.kind == "file":
+            return bytes(self.fs.cat_file(self.path))
         if self.kind == "dir":
             return bytes(self.fs.cat_file(join(self.path, member)))
         archive = self._open_archive()

@@ -1,0 +1,105 @@
+"""Thin command line: parse, build settings, call a stage's `run(settings, …)`, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from ferray import __version__
+from ferray.config import ConfigError, Settings, load_settings
+from ferray.io import StorageError
+from ferray.schema import LABELS
+
+log = logging.getLogger("ferray")
+
+EXIT_CONFIG = 2
+EXIT_CANNOT_RUN = 3
+
+
+def _print_summary(summary: Any) -> None:
+    data = summary.to_dict()
+    lines = [f"ferray {data['stage']}: {data['source']} -> {data['out']}"]
+    lines.append(f"  rows in: {data['rows']}   ok: {data['by_status'].get('ok', 0)}   time: {data['seconds']:.1f} s")
+    lines.append(f"  shards: {data['shards_written']} written, {data['shards_skipped']} skipped (already complete)")
+    lines.append("  by status: " + ", ".join(f"{k} {v}" for k, v in sorted(data["by_status"].items())))
+    table = data.get("by_split_label") or {}
+    if table:
+        seen = {name for counts in table.values() for name in counts}
+        classes = [c for c in LABELS if c in seen] + sorted(seen - set(LABELS))
+        width = max(10, *(len(c) + 1 for c in classes))
+        lines.append("  ok rows by split x class:")
+        lines.append("    " + "split".ljust(8) + "".join(c.rjust(width) for c in classes) + "total".rjust(width))
+        for split, counts in table.items():
+            cells = "".join(str(counts.get(c, 0)).rjust(width) for c in classes)
+            lines.append("    " + split.ljust(8) + cells + str(sum(counts.values())).rjust(width))
+    if data.get("ignored"):
+        lines.append("  not rows (by design): " + ", ".join(f"{k} {v}" for k, v in sorted(data["ignored"].items())))
+    print("\n".join(lines))
+
+
+def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import ingest
+
+    return ingest.run(settings, args.dataset, args.source, args.out)
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import demo
+
+    return demo.run(settings, args.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ferray.datasets import READERS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE.yaml", help="settings file; FERRAY_<SECTION>__<FIELD> env vars override it")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    parser = argparse.ArgumentParser(prog="ferray", description="Facial-expression recognition as a batch job on Ray.")
+    parser.add_argument("--version", action="version", version=f"ferray {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = commands.add_parser("ingest", parents=[common], help="a dataset layout -> Parquet shards")
+    ingest.add_argument("dataset", choices=sorted(READERS), metavar="DATASET", help=f"one of: {', '.join(sorted(READERS))}")
+    ingest.add_argument("source", metavar="SOURCE", help="folder, zip/tar, CSV file, or s3:// prefix")
+    ingest.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    ingest.add_argument("--shard-rows", type=int, help="rows per output shard")
+    ingest.set_defaults(handler=_cmd_ingest, overrides=lambda a: {"ingest": {"shard_rows": a.shard_rows}})
+
+    demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
+    demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")
+    demo.set_defaults(handler=_cmd_demo, overrides=lambda a: {})
+    return parser
+
+
+def _overrides(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Command-line flags as init values; unset flags are left to env, YAML and defaults."""
+    return {section: values for section, fields in raw.items() if (values := {k: v for k, v in fields.items() if v is not None})}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler: Callable[[Settings, argparse.Namespace], Any] = args.handler
+    try:
+        settings = load_settings(args.config, **_overrides(args.overrides(args)))
+    except ConfigError as error:
+        print(f"ferray: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        summary = handler(settings, args)
+    except ConfigError as error:
+        print(f"ferray: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StorageError, ValueError, FileNotFoundError) as error:
+        print(f"ferray: cannot run: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

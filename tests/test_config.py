@@ -1,0 +1,86 @@
+"""Settings: defaults < YAML < environment < flags; one clear line for a bad value; secrets masked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ferray.config import ConfigError, load_settings
+
+
+def test_defaults_are_frozen() -> None:
+    settings = load_settings()
+    assert settings.ingest.shard_rows == 4096
+    with pytest.raises(Exception):
+        settings.ingest.shard_rows = 3  # type: ignore[misc]
+
+
+def test_yaml_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("ingest:\n  shard_rows: 100\n  seed: 7\nray:\n  address: auto\n")
+    assert load_settings(config).ingest.shard_rows == 100
+    monkeypatch.setenv("FERRAY_INGEST__SHARD_ROWS", "200")
+    settings = load_settings(config)
+    assert (settings.ingest.shard_rows, settings.ingest.seed, settings.ray.address) == (200, 7, "auto")
+    assert load_settings(config, ingest={"shard_rows": 300}).ingest.shard_rows == 300
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("ingest:\n  shard_rows: -1\n", "ingest.shard_rows"),
+        ("ingest:\n  shard_rows: many\n", "ingest.shard_rows"),
+        ("ingest:\n  bogus: 1\n", "ingest.bogus"),
+        ("nosuchsection: {}\n", "nosuchsection"),
+        ("ingest:\n  rafdb_images: sideways\n", "ingest.rafdb_images"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_field(tmp_path: Path, yaml_text: str, field: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert field in message and "\n" not in message
+
+
+def test_bad_env_value_names_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRAY_INGEST__VAL_FRACTION", "2")
+    with pytest.raises(ConfigError, match="ingest.val_fraction"):
+        load_settings()
+
+
+def test_missing_and_malformed_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ingest: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_settings(broken)
+
+
+def test_aws_environment_resolves_and_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    settings = load_settings()
+    storage = settings.storage.resolved()
+    assert storage.endpoint_url == "http://s3-specific:2"
+    assert storage.region == "eu-west-1"
+    assert storage.secret_access_key is not None
+    assert storage.secret_access_key.get_secret_value() == "very-secret-value"
+    dumped = json.dumps(settings.model_copy(update={"storage": storage}).public_dict())
+    assert "very-secret-value" not in dumped and "AKIDEXAMPLE" not in dumped
+    assert "very-secret-value" not in repr(storage)
+
+
+def test_secret_in_bad_config_is_not_echoed(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("storage:\n  secret_access_key: [1, 2]\n  anon: maybe\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert "storage." in str(caught.value)
