@@ -34,6 +34,8 @@ def _print_summary(summary: Any) -> None:
         for split, counts in table.items():
             cells = "".join(str(counts.get(c, 0)).rjust(width) for c in classes)
             lines.append("    " + split.ljust(8) + cells + str(sum(counts.values())).rjust(width))
+    if data.get("extra"):
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(data["extra"].items())))
     if data.get("ignored"):
         lines.append("  not rows (by design): " + ", ".join(f"{k} {v}" for k, v in sorted(data["ignored"].items())))
     print("\n".join(lines))
@@ -43,6 +45,12 @@ def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import ingest
 
     return ingest.run(settings, args.dataset, args.source, args.out)
+
+
+def _cmd_align(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import align
+
+    return align.run(settings, args.input, args.out)
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
@@ -68,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
     ingest.add_argument("--shard-rows", type=int, help="rows per output shard")
     ingest.set_defaults(handler=_cmd_ingest, overrides=lambda a: {"ingest": {"shard_rows": a.shard_rows}})
+
+    align = commands.add_parser("align", parents=[common], help="Dlib detection + alignment of every image row")
+    align.add_argument("input", metavar="IN", help="ingested shards (folder or s3:// prefix)")
+    align.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    align.add_argument("--upsample", type=int, help="HOG upsample count (faces.upsample)")
+    align.add_argument("--size", type=int, help="aligned face size in pixels (faces.size)")
+    align.set_defaults(handler=_cmd_align, overrides=lambda a: {"faces": {"upsample": a.upsample, "size": a.size}})
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ferray import ingest
 from ferray.config import Settings
-from ferray.ingest import Summary
+from ferray.shards import Summary
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,11 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import cv2
 import dlib
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from ferray.config import FacesSettings
 from ferray.images import DecodeError, open_checked, to_array
-from ferray.schema import STATUS_OK, status
+from ferray.schema import BBOX, FACE, FACE_SOURCE, FACES_FOUND, STATUS_OK, status
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +35,6 @@ LANDMARK_MODEL_FILES: dict[int, str] = {
 }
 MMOD_MODEL_FILE = "mmod_human_face_detector.dat"
 _MODELS_PACKAGE = "face_recognition_models"
-
-# Columns the stage adds (SPEC: aligned rows), with the Arrow types a sink should write.
-FACE, BBOX, FACE_SOURCE, FACES_FOUND = "face", "bbox", "face_source", "faces_found"
-ALIGN_FIELDS: tuple[pa.Field, ...] = (
-    pa.field(FACE, pa.binary()),
-    pa.field(BBOX, pa.list_(pa.int32(), 4)),
-    pa.field(FACE_SOURCE, pa.string()),
-    pa.field(FACES_FOUND, pa.int32()),
-)
-
 
 class MissingModelError(FileNotFoundError):
     """A Dlib model file could not be found or loaded; the message names the setting to fix."""

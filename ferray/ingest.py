@@ -7,8 +7,7 @@ import json
 import logging
 import pickle
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -19,6 +18,7 @@ from ferray.datasets import READERS, Entry
 from ferray.datasets.fer2013 import BAD_PIXELS, pixels_to_png
 from ferray.images import DecodeError, open_checked
 from ferray.schema import INGEST_SCHEMA, STATUS_OK, canonical_label, status
+from ferray.shards import Summary, shard_stats
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +72,6 @@ def build_shard(entries: list[Entry], tree: io.Tree, dataset: str, source: str, 
     return pa.table(columns, schema=INGEST_SCHEMA)
 
 
-def shard_stats(shard: str, table: pa.Table) -> dict[str, Any]:
-    """Counts by status and by split × label, as written to `_stats/`."""
-    by_split: dict[str, Counter[str]] = defaultdict(Counter)
-    for split, name, row_status in zip(table["split"].to_pylist(), table["label_name"].to_pylist(), table["status"].to_pylist()):
-        if row_status == STATUS_OK:
-            by_split[split or "none"][name or "unlabelled"] += 1
-    return {
-        "shard": shard,
-        "rows": table.num_rows,
-        "by_status": dict(Counter(table["status"].to_pylist())),
-        "by_split_label": {split: dict(counts) for split, counts in sorted(by_split.items())},
-    }
-
-
 @dataclass(frozen=True)
 class ShardTask:
     """One shard to build: its name, input fingerprint and entries."""
@@ -122,35 +108,6 @@ def plan_shards(dataset: str, entries: list[Entry], settings: IngestSettings) ->
                                 entry.status, entry.pixels)).encode())
         tasks.append(ShardTask(f"part-{index:05d}", digest.hexdigest(), chunk))
     return tasks
-
-
-@dataclass
-class Summary:
-    """What a stage run did, for the one-screen report and `_ferray/<stage>.json`."""
-
-    stage: str
-    source: str
-    out: str
-    rows: int = 0
-    by_status: Counter[str] = field(default_factory=Counter)
-    by_split_label: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    ignored: Counter[str] = field(default_factory=Counter)
-    shards_written: int = 0
-    shards_skipped: int = 0
-    seconds: float = 0.0
-
-    def add(self, stats: dict[str, Any]) -> None:
-        self.rows += stats["rows"]
-        self.by_status.update(stats["by_status"])
-        for split, counts in stats["by_split_label"].items():
-            self.by_split_label[split].update(counts)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        data["by_status"] = dict(self.by_status)
-        data["ignored"] = dict(self.ignored)
-        data["by_split_label"] = {k: dict(v) for k, v in sorted(self.by_split_label.items())}
-        return data
 
 
 def run(settings: Settings, dataset: str, source: str, out: str) -> Summary:

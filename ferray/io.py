@@ -324,3 +324,21 @@ def read_table(uris: Iterable[str], storage: StorageSettings, columns: list[str]
     """Concatenate shards into one table (small outputs and tests; stages stream instead)."""
     tables = [read_parquet(uri, storage, columns) for uri in uris]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def fetch_cached(uri: str, storage: StorageSettings, cache_dir: str | None = None) -> str:
+    """A local copy of a remote file (model weights, Dlib models), downloaded once per machine."""
+    if not is_remote(uri):
+        return uri[len("file://") :] if uri.startswith("file://") else uri
+    import hashlib
+    import os
+    from pathlib import Path
+
+    folder = Path(cache_dir or os.path.expanduser("~/.cache/ferray/fetched"))
+    target = folder / hashlib.sha256(uri.encode()).hexdigest()[:16] / posixpath.basename(uri)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(read_bytes(uri, storage))
+        tmp.replace(target)
+    return str(target)

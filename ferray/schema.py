@@ -68,3 +68,13 @@ INGEST_SCHEMA = pa.schema(
     ]
 )
 INGEST_COLUMNS: tuple[str, ...] = tuple(INGEST_SCHEMA.names)
+
+# Columns the align stage adds (SPEC: aligned rows).
+FACE, BBOX, FACE_SOURCE, FACES_FOUND = "face", "bbox", "face_source", "faces_found"
+ALIGN_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(FACE, pa.binary()),
+    pa.field(BBOX, pa.list_(pa.int32(), 4)),
+    pa.field(FACE_SOURCE, pa.string()),
+    pa.field(FACES_FOUND, pa.int32()),
+)
+ALIGNED_SCHEMA = pa.schema(list(INGEST_SCHEMA) + list(ALIGN_FIELDS))
