@@ -53,6 +53,12 @@ def _cmd_align(settings: Settings, args: argparse.Namespace) -> Any:
     return align.run(settings, args.input, args.out)
 
 
+def _cmd_embed(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import embed
+
+    return embed.run(settings, args.input, args.out)
+
+
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import demo
 
@@ -83,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     align.add_argument("--upsample", type=int, help="HOG upsample count (faces.upsample)")
     align.add_argument("--size", type=int, help="aligned face size in pixels (faces.size)")
     align.set_defaults(handler=_cmd_align, overrides=lambda a: {"faces": {"upsample": a.upsample, "size": a.size}})
+
+    embed = commands.add_parser("embed", parents=[common], help="frozen-backbone embeddings of aligned faces")
+    embed.add_argument("input", metavar="IN", help="aligned shards (folder or s3:// prefix)")
+    embed.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    embed.add_argument("--backbone", help="efficientnet-lite0 | efficientnet-b0 … b7 (backbone.name)")
+    embed.add_argument("--input-size", type=int, help="side the backbone sees (backbone.input_size)")
+    embed.add_argument("--gpus", type=float, help="GPUs per embedding actor (backbone.num_gpus)")
+    embed.set_defaults(handler=_cmd_embed, overrides=lambda a: {
+        "backbone": {"name": a.backbone, "input_size": a.input_size, "num_gpus": a.gpus}})
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")

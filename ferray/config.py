@@ -160,6 +160,9 @@ class BackboneSettings(Section):
     # A Keras download on a cluster whose egress is black-holed would otherwise hang.
     download_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     batch_size: int = Field(default=128, ge=1, le=65536)
+    # Per embedding actor. On CPU one thread per actor and one actor per core beat one actor with
+    # many threads (TensorFlow's thread pools oversubscribe otherwise).
+    num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
 
     @field_validator("channels", mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 
@@ -14,13 +15,17 @@ log = logging.getLogger(__name__)
 def ensure_ray(settings: RaySettings) -> None:
     """Join the configured cluster, or start a local Ray; reuse one already initialised."""
     if not ray.is_initialized():
+        # Inside `ray job submit` Ray sets RAY_ADDRESS: that is joining a cluster, whose size is its own.
+        joining = bool(settings.address or os.environ.get("RAY_ADDRESS"))
         ray.init(
             address=settings.address or None,
-            num_cpus=settings.num_cpus if not settings.address else None,
-            num_gpus=settings.num_gpus if not settings.address else None,
+            num_cpus=None if joining else settings.num_cpus,
+            num_gpus=None if joining else settings.num_gpus,
             include_dashboard=False,
             log_to_driver=True,
             logging_level=logging.WARNING,
+            # TensorFlow's C++ start-up chatter would otherwise flood every job log.
+            runtime_env=None if joining else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
         )
         log.info("ray: %s", ray.cluster_resources())
     context = ray.data.DataContext.get_current()

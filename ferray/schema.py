@@ -78,3 +78,8 @@ ALIGN_FIELDS: tuple[pa.Field, ...] = (
     pa.field(FACES_FOUND, pa.int32()),
 )
 ALIGNED_SCHEMA = pa.schema(list(INGEST_SCHEMA) + list(ALIGN_FIELDS))
+
+# Columns the embedding stage adds (SPEC: embedded rows).
+EMBEDDING, BACKBONE = "embedding", "backbone"
+EMBED_FIELDS: tuple[pa.Field, ...] = (pa.field(EMBEDDING, pa.list_(pa.float32())), pa.field(BACKBONE, pa.string()))
+EMBEDDED_SCHEMA = pa.schema(list(ALIGNED_SCHEMA) + list(EMBED_FIELDS))

@@ -102,6 +102,7 @@ class StageSpec:
     config: dict[str, Any]  # settings that change the output (part of every shard fingerprint)
     extra_stats: Callable[[pa.Table], dict[str, int]] | None = None
     num_cpus: float = 1.0  # per actor; Dlib and the CPU backbone each use one core well
+    num_gpus: float = 0.0  # per actor; the embedding stage asks for a GPU when configured
 
 
 class ShardWorker:
@@ -131,7 +132,7 @@ def run_stage(spec: StageSpec, source: str, out: str, storage: StorageSettings, 
     """Run `spec` over every finished shard of `source` into `out`; skip shards already done."""
     import ray
 
-    from ferray.runtime import cluster_cpus, ensure_ray
+    from ferray.runtime import ensure_ray
 
     started = time.perf_counter()
     inputs = io.completed_shards(source, storage)
@@ -152,7 +153,7 @@ def run_stage(spec: StageSpec, source: str, out: str, storage: StorageSettings, 
     log.info("%s: %d input shards, %d already done", spec.name, len(inputs), summary.shards_skipped)
     if pending:
         ensure_ray(ray_settings)
-        workers = max(1, min(len(pending), int(cluster_cpus() // max(spec.num_cpus, 1e-3))))
+        workers = max(1, min(len(pending), _pool_size(spec)))
         results = (
             ray.data.from_items(pending, override_num_blocks=len(pending))
             .map_batches(
@@ -161,6 +162,7 @@ def run_stage(spec: StageSpec, source: str, out: str, storage: StorageSettings, 
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus or None,
             )
             .take_all()
         )
@@ -169,3 +171,17 @@ def run_stage(spec: StageSpec, source: str, out: str, storage: StorageSettings, 
         summary.shards_written = len(results)
     summary.seconds = round(time.perf_counter() - started, 2)
     return summary
+
+
+def _pool_size(spec: StageSpec) -> int:
+    """Actors that fit the cluster at once: by CPUs, and by GPUs when the stage uses them."""
+    import ray
+
+    from ferray.runtime import cluster_cpus
+
+    size = int(cluster_cpus() // max(spec.num_cpus, 1e-3))
+    if spec.num_gpus:
+        size = min(size, int(ray.cluster_resources().get("GPU", 0) // spec.num_gpus))
+    if size < 1:
+        raise RuntimeError(f"{spec.name}: the cluster cannot fit one worker ({spec.num_cpus} CPU, {spec.num_gpus} GPU)")
+    return size
