@@ -335,7 +335,11 @@ def fetch_cached(uri: str, storage: StorageSettings, cache_dir: str | None = Non
     from pathlib import Path
 
     folder = Path(cache_dir or os.path.expanduser("~/.cache/ferray/fetched"))
-    target = folder / hashlib.sha256(uri.encode()).hexdigest()[:16] / posixpath.basename(uri)
+    fs, path = url_to_fs(uri, storage)
+    info = fs.info(path)
+    # Keyed by URI, size and ETag/mtime, so an object replaced in place is fetched again.
+    version = f"{uri}|{info.get('size')}|{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+    target = folder / hashlib.sha256(version.encode()).hexdigest()[:16] / posixpath.basename(uri)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
