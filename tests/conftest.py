@@ -74,3 +74,12 @@ def settings():
     from ferray.config import load_settings
 
     return load_settings(ray={"progress_bars": False})
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, small ferray model artifact (see tests/model_fixture.py), built once per session."""
+    from ferray.config import load_settings
+    from model_fixture import build_artifact
+
+    return build_artifact(load_settings(), tmp_path_factory.mktemp("model") / "artifact")

@@ -1,0 +1,79 @@
+"""The model artifact: one safe-mode `model.keras` plus `ferray.json`, loadable from folders, S3 and registries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferray import model as artifact
+from ferray.config import StorageSettings
+from ferray.registry import Registry
+from model_fixture import sample_faces
+
+STORAGE = StorageSettings()
+
+
+def test_artifact_predicts_raw_faces_from_a_fresh_load(model_dir: Path) -> None:
+    loaded = artifact.load(str(model_dir), STORAGE)
+    faces, labels = sample_faces()
+    probs = loaded.predict(faces)
+    assert probs.shape == (35, 7) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    accuracy = float((probs.argmax(1) == labels).mean())
+    assert accuracy == pytest.approx(loaded.meta["metrics"]["sample_train_accuracy"], abs=1e-6)
+    assert accuracy > 0.5, "the head was fitted on these faces; chance is 1/7"
+    meta = json.loads((model_dir / "ferray.json").read_text())
+    for key in ("labels", "backbone", "weights_source", "weights_sha256", "training_data_fingerprint", "metrics",
+                "ferray_version", "created_at"):
+        assert meta[key] is not None
+
+
+def test_flip_tta_and_temperature_from_metadata(model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    meta = json.loads((copy / "ferray.json").read_text())
+    meta["inference"] = {"flip_tta": True, "temperature": 2.0}
+    (copy / "ferray.json").write_text(json.dumps(meta))
+    faces, _ = sample_faces()
+    plain = artifact.load(str(model_dir), STORAGE).predict(faces)
+    tuned = artifact.load(str(copy), STORAGE).predict(faces)
+    assert np.allclose(tuned.sum(1), 1.0, atol=1e-4)
+    assert tuned.max(1).mean() < plain.max(1).mean(), "temperature 2 must soften the probabilities"
+
+
+def test_s3_and_registry_uris(model_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
+    storage = StorageSettings().resolved()
+    registry = Registry(f"{s3_bucket}/registry-{tmp_path.name}/models", storage)
+    version = registry.publish(str(model_dir))
+    registry.promote(version, {"promote": True, "metric": "test"})
+    loaded = artifact.load(f"{s3_bucket}/registry-{tmp_path.name}/models", storage)
+    faces, _ = sample_faces()
+    assert np.allclose(loaded.predict(faces[:4]), artifact.load(str(model_dir), STORAGE).predict(faces[:4]), atol=1e-5)
+
+
+def test_refusals_are_one_line(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(artifact.ModelError, match="no model at"):
+        artifact.load(str(tmp_path / "nothing"), STORAGE)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(model_dir, wrong)
+    meta = json.loads((wrong / "ferray.json").read_text())
+    meta["labels"] = ["happy", "sad"]
+    (wrong / "ferray.json").write_text(json.dumps(meta))
+    with pytest.raises(artifact.ModelError, match="labels"):
+        artifact.load(str(wrong), STORAGE)
+
+
+def test_a_lambda_layer_is_refused_by_safe_mode(tmp_path: Path, model_dir: Path) -> None:
+    import keras
+
+    inputs = keras.Input((48, 48, 1))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    folder = tmp_path / "unsafe"
+    folder.mkdir()
+    unsafe.save(folder / "model.keras")
+    shutil.copy(model_dir / "ferray.json", folder / "ferray.json")
+    with pytest.raises(artifact.ModelError, match="safe mode"):
+        artifact.load(str(folder), STORAGE)
