@@ -18,8 +18,30 @@ EXIT_CONFIG = 2
 EXIT_CANNOT_RUN = 3
 
 
+def _print_evaluation(data: dict[str, Any]) -> None:
+    lines = [f"ferray evaluate: {data['model']} on {data['source']} -> {data['out']}"]
+    lines.append(f"  split {data['split']} ({data['path']} path): {data['rows']} rows   accuracy "
+                 f"{100 * data['accuracy']:.2f}%   macro-F1 {100 * data['macro_f1']:.2f}%   ECE {data['ece']:.3f}   "
+                 f"time: {data['seconds']:.1f} s")
+    paper = data.get("paper") or {}
+    if paper.get("applies"):
+        lines.append(f"  paper: {paper['paper']['accuracy']:.2f}% ({paper['paper']['where']})")
+    elif paper.get("note"):
+        lines.append(f"  paper: {paper['note']}")
+    if data["skipped"]:
+        lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(data["skipped"].items())))
+    if data.get("calibration"):
+        fit = data["calibration"]
+        lines.append(f"  calibrated: temperature {fit['temperature']:.3f} on {fit['rows']} {fit['split']} rows of {fit['data']}")
+    lines.append(f"  report: {data['out'].rstrip('/')}/report.md")
+    print("\n".join(lines))
+
+
 def _print_summary(summary: Any) -> None:
     data = summary.to_dict()
+    if data["stage"] == "evaluate":
+        _print_evaluation(data)
+        return
     lines = [f"ferray {data['stage']}: {data['source']} -> {data['out']}"]
     lines.append(f"  rows in: {data['rows']}   ok: {data['by_status'].get('ok', 0)}   time: {data['seconds']:.1f} s")
     lines.append(f"  shards: {data['shards_written']} written, {data['shards_skipped']} skipped (already complete)")
@@ -57,6 +79,18 @@ def _cmd_embed(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import embed
 
     return embed.run(settings, args.input, args.out)
+
+
+def _cmd_evaluate(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import evaluate
+
+    return evaluate.run(settings, args.model, args.data, args.report_out, calibrate_on=args.calibrate_on)
+
+
+def _cmd_annotate(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import annotate
+
+    return annotate.run(settings, args.model, args.source, args.out)
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
@@ -98,6 +132,29 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--gpus", type=float, help="GPUs per embedding actor (backbone.num_gpus)")
     embed.set_defaults(handler=_cmd_embed, overrides=lambda a: {
         "backbone": {"name": a.backbone, "input_size": a.input_size, "num_gpus": a.gpus}})
+
+    evaluate = commands.add_parser("evaluate", parents=[common], help="metrics, confusion matrix, t-SNE, "
+                                   "misclassified grid, reliability and report.md of a model on labelled shards")
+    evaluate.add_argument("model", metavar="MODEL", help="model folder, s3:// URI, registry URI, or `default`")
+    evaluate.add_argument("data", metavar="DATA", help="aligned or embedded shards of any dataset")
+    evaluate.add_argument("report_out", metavar="REPORT_OUT", help="report folder or s3:// prefix")
+    evaluate.add_argument("--split", choices=["train", "val", "test", "all"],
+                          help="rows to score (default: test where DATA has one, else every labelled row)")
+    evaluate.add_argument("--calibrate-on", metavar="VAL_DATA", help="first fit a temperature on VAL_DATA's val "
+                          "split and store it in MODEL's ferray.json (inference.temperature)")
+    evaluate.set_defaults(handler=_cmd_evaluate, overrides=lambda a: {"evaluate": {"split": a.split}})
+
+    annotate = commands.add_parser("annotate", parents=[common], help="label every face in the images and "
+                                   "sampled video frames under SOURCE (incremental: reruns do only new files)")
+    annotate.add_argument("model", metavar="MODEL", help="model folder, s3:// URI, registry URI, or `default`")
+    annotate.add_argument("source", metavar="SOURCE", help="folder, zip/tar, or s3:// prefix of images and videos")
+    annotate.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    annotate.add_argument("--fps", type=float, help="video frames sampled per second (annotate.fps, default 2)")
+    annotate.add_argument("--every-nth", type=int, help="sample every Nth video frame instead (annotate.every_nth)")
+    annotate.add_argument("--segment-seconds", type=float, help="video segment length shared out to workers")
+    annotate.add_argument("--gpus", type=float, help="GPUs per classifying actor (annotate.num_gpus)")
+    annotate.set_defaults(handler=_cmd_annotate, overrides=lambda a: {"annotate": {
+        "fps": a.fps, "every_nth": a.every_nth, "segment_seconds": a.segment_seconds, "num_gpus": a.gpus}})
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")

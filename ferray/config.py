@@ -172,6 +172,81 @@ class BackboneSettings(Section):
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
+class EvaluateSettings(Section):
+    """`ferray evaluate` and calibration (owned by ferray.evaluate): split, path, plots, bins."""
+
+    # None: `test` where DATA has labelled test rows, else every labelled row; `all`: every labelled row.
+    split: Literal["train", "val", "test", "all"] | None = None
+    # Classify stored embeddings with the head when their backbone fingerprint is the model's (fast);
+    # false always runs the whole model on the aligned faces (e.g. so the artifact's flip TTA applies).
+    reuse_embeddings: bool = True
+    batch_size: int = Field(default=256, ge=1, le=65536)
+    # 15 equal-width confidence bins: the usual ECE (Guo et al. 2017).
+    ece_bins: int = Field(default=15, ge=2, le=100)
+    # t-SNE is quadratic-ish in rows; a fixed-seed sample keeps the plot minutes-free and repeatable.
+    tsne_max_rows: int = Field(default=2000, ge=10, le=20000)
+    misclassified_max: int = Field(default=36, ge=1, le=400)
+    seed: int = 0
+    # The model's training dataset when its ferray.json does not say (chooses the paper's number).
+    train_dataset: str | None = None
+
+
+class AnnotateSettings(Section):
+    """`ferray annotate` (owned by ferray.annotate, ferray.media, ferray.video): sampling, shards, workers."""
+
+    # Video frames sampled per second of video; `every_nth` (when set) takes every Nth frame instead.
+    fps: float = Field(default=2.0, gt=0, le=1000)
+    every_nth: int | None = Field(default=None, ge=1)
+    # Videos are cut into segments of this many seconds so that several workers share a long file.
+    segment_seconds: float = Field(default=60.0, gt=0, le=86400)
+    # A shard (one output file) holds at most this many units (an image or a video segment) and
+    # about this many frames (an image counts one, a segment its sampled frames).
+    shard_units: int = Field(default=256, ge=1, le=100_000)
+    shard_frames: int = Field(default=512, ge=1, le=1_000_000)
+    # Faces classified per image or frame, largest first; None keeps every face found.
+    max_faces: int | None = Field(default=None, ge=1)
+    predict_batch: int = Field(default=256, ge=1, le=65536)
+    # Per actor. `pools`: `fused` detects and classifies in one actor per CPU; `split` detects on CPU
+    # actors and classifies on their own (GPU) actors; `auto` splits when num_gpus > 0, so the GPU
+    # is not held idle while Dlib detects.
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    pools: Literal["auto", "fused", "split"] = "auto"
+    # Remote and archived videos reach OpenCV as a seekable stream (reads only what a segment needs)
+    # or as a local temp copy written in chunks (for OpenCV builds without stream input).
+    video_io: Literal["stream", "copy"] = "stream"
+    copy_chunk_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    temp_dir: str | None = None
+    # Driver threads probing new videos' frame count and rate (I/O bound on object storage).
+    probe_threads: int = Field(default=8, ge=1, le=256)
+    # Once every input is annotated by the current model and settings, remove shards of earlier ones.
+    supersede: bool = True
+
+
+class DataSource(Section):
+    """One dataset of an experiment: its layout (`ferray ingest` DATASET) and where it lives."""
+
+    dataset: Literal["fer2013", "fer2013-csv", "rafdb", "ckplus", "jaffe", "folder"]
+    source: str = Field(min_length=1)
+    # Folder name under the workdir; defaults to the dataset name.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.dataset
+
+
+class PipelineSettings(Section):
+    """`ferray pipeline`: ingest → align → embed → train → evaluate, every stage cached in `workdir`."""
+
+    workdir: str = "ferray-runs/experiment"
+    train: DataSource | None = None
+    # Cross-dataset targets; the training dataset's own test split is always evaluated.
+    evaluate: list[DataSource] = Field(default_factory=list)
+    # Backbone sweep (the paper's model selection); empty = `backbone.name` alone.
+    backbones: list[str] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     """The whole validated, frozen settings tree."""
 
@@ -188,6 +263,9 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     faces: FacesSettings = FacesSettings()
     backbone: BackboneSettings = BackboneSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    annotate: AnnotateSettings = AnnotateSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -129,3 +130,38 @@ def load(uri: str, storage: StorageSettings) -> Artifact:
     return Artifact(uri=folder, model=model, meta=meta)
 
 
+
+
+def training_datasets(source: str, storage: StorageSettings) -> list[str]:
+    """Which datasets an embedded input holds (so reports can name the paper's comparison)."""
+    import pyarrow.compute as pc
+
+    names: set[str] = set()
+    for uri in io.completed_shards(source, storage):
+        names.update(v for v in pc.unique(io.read_parquet(uri, storage, ["dataset"])["dataset"]).to_pylist() if v)
+    return sorted(names)
+
+
+def from_training(settings: Settings, result: Any, model_out: str, source: str) -> Artifact:
+    """After `ferray train`: the trained head on the backbone that made the embeddings → MODEL_OUT."""
+    from ferray.backbone import backbone_fingerprint, backbone_metadata, build_backbone, resolve_weights
+    from ferray.train import load_head_weights
+
+    storage = settings.storage.resolved()
+    fetch = functools.partial(io.fetch_cached, storage=storage)
+    weights = resolve_weights(settings.backbone, fetch)
+    expected = backbone_fingerprint(settings.backbone, weights, image_size=settings.faces.size)
+    if result.backbone and result.backbone != expected:
+        raise ModelError(f"the embeddings were made by {result.backbone}; settings describe {expected} "
+                         "(set backbone.* and faces.size as they were for `ferray embed`)")
+    backbone = build_backbone(settings.backbone, fetch, weights=weights, image_size=settings.faces.size)
+    model = assemble(backbone, load_head_weights(model_out, storage))
+    metrics = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+               "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "rows": result.rows,
+               "skipped": result.skipped, "seconds": result.seconds, "head": result.head, "train": result.train}
+    meta = metadata(settings, backbone_metadata(settings.backbone, weights, settings.faces.size), metrics,
+                    result.data_fingerprint)
+    meta["training_dataset"] = training_datasets(source, storage)
+    save(model, meta, model_out, storage)
+    log.info("model artifact written to %s", model_out)
+    return Artifact(uri=model_out, model=model, meta=meta)
