@@ -121,5 +121,34 @@ def main(zip_path: str) -> None:
         Image.fromarray(photo).save(jaffe / f"KA.{JAFFE_CODE[label]}{index % 3 + 1}.{30 + index}.tiff")
 
 
+def build_demo_media(zip_path: str) -> None:
+    """`ferray demo`'s media: a few photos and one short video made of real FER-2013 faces."""
+    import random
+
+    import cv2
+
+    rng = random.Random(7)
+    media = ASSETS / "demo-media"
+    media.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as source:
+        names = [n for n in sorted(source.namelist()) if n.startswith("test/") and "PrivateTest" in n]
+        picked = [names[i] for i in (3, 500, 1100, 2000, 2600, 3300)]
+        faces = [np.asarray(Image.open(io.BytesIO(source.read(n))).convert("L")) for n in picked]
+    for index, face in enumerate(faces[:4]):
+        photo = canvas(face, (rng.randint(220, 320), rng.randint(200, 280)), rng.choice([3, 4]), (rng.randint(5, 30), rng.randint(5, 30)))
+        Image.fromarray(photo).convert("RGB").save(media / f"photo_{index}.jpg", quality=88)
+    writer = cv2.VideoWriter(str(media / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (256, 224))
+    for frame in range(40):  # 4 s at 10 fps: two faces, then an empty second
+        if frame < 30:
+            face = faces[4] if frame < 15 else faces[5]
+            image = canvas(face, (256, 224), 4, (20 + frame, 10))
+        else:
+            image = np.full((224, 256), 128, np.uint8)
+        writer.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    writer.release()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(HERE.parents[2] / "shared" / "datasets" / "fer2013.zip"))
+    source = sys.argv[1] if len(sys.argv) > 1 else str(HERE.parents[2] / "shared" / "datasets" / "fer2013.zip")
+    main(source)
+    build_demo_media(source)
