@@ -37,10 +37,43 @@ def _print_evaluation(data: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+def _print_training(data: dict[str, Any]) -> None:
+    rows = ", ".join(f"{k} {v}" for k, v in data["rows"].items())
+    skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
+    print("\n".join([
+        f"ferray train: {data['model_out']}   time: {data['seconds']:.1f} s ({data['seconds_per_epoch']:.2f} s/epoch)",
+        f"  rows: {rows}; skipped: {skipped}",
+        f"  epochs run: {data['epochs_run']} (best {data['best_epoch']}, starts {data['starts']})",
+        f"  val accuracy {_percent(data['val_accuracy'])}, test accuracy {_percent(data['test_accuracy'])}",
+        f"  model: {data['model_out']}/model.keras + ferray.json",
+    ]))
+
+
+def _print_pipeline(data: dict[str, Any]) -> None:
+    lines = [f"ferray pipeline: {data['workdir']}   time: {data['seconds']:.1f} s"]
+    for row in data["rows"]:
+        lines.append(f"  {row['backbone']}: model {row['model']}  (val accuracy {_percent(row['val_accuracy'])})")
+        for target, report in row["reports"].items():
+            lines.append(f"    {target} {report['split']} ({report['rows']} rows): accuracy {_percent(report['accuracy'])}, "
+                         f"macro-F1 {_percent(report['macro_f1'])}  -> {report['report']}/report.md")
+    lines.append(f"  sweep table: {data['workdir']}/sweep.md")
+    print("\n".join(lines))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def _print_summary(summary: Any) -> None:
     data = summary.to_dict()
+    if "run_name" in data:  # a TrainResult
+        _print_training(data)
+        return
     if data["stage"] == "evaluate":
         _print_evaluation(data)
+        return
+    if data["stage"] == "pipeline":
+        _print_pipeline(data)
         return
     lines = [f"ferray {data['stage']}: {data['source']} -> {data['out']}"]
     lines.append(f"  rows in: {data['rows']}   ok: {data['by_status'].get('ok', 0)}   time: {data['seconds']:.1f} s")
@@ -91,6 +124,20 @@ def _cmd_annotate(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import annotate
 
     return annotate.run(settings, args.model, args.source, args.out)
+
+
+def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import model, train
+
+    result = train.run(settings, args.input, args.model_out)
+    model.from_training(settings, result, args.model_out, args.input)
+    return result
+
+
+def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray import pipeline
+
+    return pipeline.run(settings)
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
@@ -155,6 +202,20 @@ def _parser() -> argparse.ArgumentParser:
     annotate.add_argument("--gpus", type=float, help="GPUs per classifying actor (annotate.num_gpus)")
     annotate.set_defaults(handler=_cmd_annotate, overrides=lambda a: {"annotate": {
         "fps": a.fps, "every_nth": a.every_nth, "segment_seconds": a.segment_seconds, "num_gpus": a.gpus}})
+
+    train = commands.add_parser("train", parents=[common], help="fit the head on embeddings with Ray Train; write the model")
+    train.add_argument("input", metavar="IN", help="embedded shards (folder or s3:// prefix)")
+    train.add_argument("model_out", metavar="MODEL_OUT", help="model folder or s3:// prefix (model.keras + ferray.json)")
+    train.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
+    train.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (train.use_gpu)")
+    train.add_argument("--epochs", type=int, help="epochs (train.epochs; paper recipe: SGD 0.9, lr 1e-3 x0.9 / 10 epochs)")
+    train.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
+    train.set_defaults(handler=_cmd_train, overrides=lambda a: {"train": {
+        "workers": a.workers, "use_gpu": a.gpu, "epochs": a.epochs, "batch_size": a.batch_size}})
+
+    pipeline = commands.add_parser("pipeline", parents=[common], help="ingest -> align -> embed -> train -> evaluate from --config")
+    pipeline.add_argument("--workdir", help="where every stage's output is cached (pipeline.workdir)")
+    pipeline.set_defaults(handler=_cmd_pipeline, overrides=lambda a: {"pipeline": {"workdir": a.workdir}})
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")

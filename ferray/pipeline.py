@@ -1,0 +1,118 @@
+"""`ferray pipeline`: ingest → align → embed → train → evaluate from one config, every stage cached.
+
+Layout under `pipeline.workdir`:
+  data/<dataset>/ingested, data/<dataset>/aligned, data/<dataset>/embedded/<backbone identity>
+  models/<backbone identity>/          the artifact (model.keras + ferray.json) and training outputs
+  reports/<backbone>/<dataset>/        evaluate's report for each target
+  sweep.md, sweep.json                 one row per backbone (the paper's model-selection table)
+Each stage skips finished shards, so a rerun redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferray import align, embed, ingest, io
+from ferray import model as artifacts
+from ferray.config import ConfigError, DataSource, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineSummary:
+    """One row per backbone: where its model and reports are and how well it did."""
+
+    workdir: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    stage: str = "pipeline"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "workdir": self.workdir, "rows": self.rows, "seconds": self.seconds}
+
+
+def _log_stage(name: str, summary: Any) -> None:
+    rate = summary.rows / summary.seconds if summary.seconds else 0.0
+    log.info("%s: %d rows (%d shards written, %d skipped) in %.1f s, %.0f rows/s", name, summary.rows,
+             summary.shards_written, summary.shards_skipped, summary.seconds, rate)
+
+
+def prepare(settings: Settings, source: DataSource, workdir: str) -> str:
+    """Ingest and align one dataset (cached); returns its aligned shards."""
+    base = io.join(workdir, "data", source.label)
+    ingested, aligned = io.join(base, "ingested"), io.join(base, "aligned")
+    _log_stage(f"ingest {source.label}", ingest.run(settings, source.dataset, source.source, ingested))
+    _log_stage(f"align {source.label}", align.run(settings, ingested, aligned))
+    return aligned
+
+
+def embedded(settings: Settings, aligned: str, workdir: str, label: str) -> tuple[str, float | None]:
+    """Embed one dataset with the configured backbone (cached per backbone identity)."""
+    from ferray.backbone import backbone_fingerprint
+
+    storage = settings.storage.resolved()
+    identity = backbone_fingerprint(settings.backbone, fetch=functools.partial(io.fetch_cached, storage=storage),
+                                    image_size=settings.faces.size)
+    out = io.join(workdir, "data", label, "embedded", identity)
+    summary = embed.run(settings, aligned, out)
+    _log_stage(f"embed {label} ({identity})", summary)
+    fresh = summary.shards_written and summary.seconds
+    return out, (summary.rows / summary.seconds if fresh else None)
+
+
+def run(settings: Settings) -> PipelineSummary:
+    from ferray import evaluate, train
+
+    plan = settings.pipeline
+    if plan.train is None:
+        raise ConfigError("pipeline.train is not set: name the training dataset and its source")
+    started = time.perf_counter()
+    storage = settings.storage.resolved()
+    targets = [plan.train, *[t for t in plan.evaluate if t.label != plan.train.label]]
+    aligned = {t.label: prepare(settings, t, plan.workdir) for t in targets}
+    summary = PipelineSummary(workdir=plan.workdir)
+    for name in plan.backbones or [settings.backbone.name]:
+        # Validated, so a misspelt backbone in the sweep fails here with the field's name.
+        backbone = type(settings.backbone).model_validate({**settings.backbone.model_dump(), "name": name})
+        chosen = settings.model_copy(update={"backbone": backbone})
+        data = {t.label: embedded(chosen, aligned[t.label], plan.workdir, t.label) for t in targets}
+        train_data, rate = data[plan.train.label]
+        model_out = io.join(plan.workdir, "models", train_data.rsplit("/", 1)[-1])
+        result = train.run(chosen, train_data, model_out)
+        artifact = artifacts.from_training(chosen, result, model_out, train_data)
+        row: dict[str, Any] = {"backbone": name, "model": model_out, "val_accuracy": result.val_accuracy,
+                               "parameters": int(artifact.model.count_params()), "embeddings_per_s": rate,
+                               "train_seconds": result.seconds, "reports": {}}
+        for target in targets:
+            report = io.join(plan.workdir, "reports", name, target.label)
+            evaluation = evaluate.run(chosen, model_out, data[target.label][0], report)
+            row["reports"][target.label] = {"report": report, "split": evaluation.split, "rows": evaluation.rows,
+                                            "accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1}
+        summary.rows.append(row)
+    summary.seconds = round(time.perf_counter() - started, 2)
+    io.write_json(io.join(plan.workdir, "sweep.json"), summary.to_dict(), storage)
+    io.write_bytes_atomic(io.join(plan.workdir, "sweep.md"), sweep_markdown(summary, plan.train.label).encode(), storage)
+    return summary
+
+
+def sweep_markdown(summary: PipelineSummary, train_label: str) -> str:
+    """The backbone comparison table (accuracy and macro-F1 on the training dataset's test split)."""
+    lines = [f"# Backbone sweep — trained on {train_label}", "",
+             "| backbone | val acc | test acc | test macro-F1 | parameters | embeddings/s |",
+             "|---|---|---|---|---|---|"]
+    for row in summary.rows:
+        own = row["reports"].get(train_label, {})
+        rate = f"{row['embeddings_per_s']:.0f}" if row["embeddings_per_s"] else "cached"
+        lines.append(f"| {row['backbone']} | {_pct(row['val_accuracy'])} | {_pct(own.get('accuracy'))} | "
+                     f"{_pct(own.get('macro_f1'))} | {row['parameters']:,} | {rate} |")
+    lines += ["", "Cross-dataset results per backbone are in `reports/<backbone>/<dataset>/report.md`."]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
