@@ -38,7 +38,7 @@ def main() -> None:
 
     from ferray import io, train
     from ferray.config import load_settings
-    from ferray.head import HeadSettings
+    from ferray.config import HeadSettings, TrainSettings
     from ferray.runtime import ensure_ray
 
     settings = load_settings(ray={"progress_bars": False})
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"ray up in {time.perf_counter() - started:.1f} s; {os.cpu_count()} CPUs on this machine")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     for workers in args.workers:
-        recipe = train.TrainSettings(
+        recipe = TrainSettings(
             workers=workers,
             cpus_per_worker=args.cpus_per_worker or max(1, cpus // workers),
             epochs=args.epochs,

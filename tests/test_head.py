@@ -12,7 +12,7 @@ import tf_keras
 from head_data import arrays, embedded_table
 
 from ferray import head
-from ferray.train import TrainSettings
+from ferray.config import HeadSettings, TrainSettings
 
 # Chance is 1/7 = 14%. Over five seeds these 140 held-out faces scored 29-33% with their labels
 # and 10-22% with shuffled labels: one bar between the two.
@@ -108,9 +108,9 @@ def test_label_smoothing_and_adam_compile_in_both_kerases() -> None:
 
 def test_settings_refuse_bad_values() -> None:
     with pytest.raises(pydantic.ValidationError):
-        head.HeadSettings(hidden=0)
+        HeadSettings(hidden=0)
     with pytest.raises(pydantic.ValidationError):
-        head.HeadSettings(dropout=1.0)
+        HeadSettings(dropout=1.0)
     with pytest.raises(pydantic.ValidationError):
         TrainSettings(optimizer="rmsprop")
     with pytest.raises(pydantic.ValidationError):

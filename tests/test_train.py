@@ -12,7 +12,7 @@ import pytest
 from head_data import arrays, embedded_table
 
 from ferray import head, io, train
-from ferray.config import StorageSettings
+from ferray.config import HeadSettings, StorageSettings, TrainSettings
 
 # The fixture is 280 training faces; ten times the paper's rate learns them in a few epochs.
 FAST = dict(learning_rate=0.01, batch_size=32)
@@ -56,7 +56,7 @@ def test_one_worker_trains_from_s3_to_s3_and_a_rerun_does_nothing(ray_session, s
     storage = settings.storage.resolved()
     source = _write_shards(table, f"{s3_bucket}/head/embedded", storage)
     model_out = f"{s3_bucket}/head/model-1w"
-    recipe = train.TrainSettings(workers=1, epochs=10, decay_every=5, **FAST)
+    recipe = TrainSettings(workers=1, epochs=10, decay_every=5, **FAST)
 
     result = train.run(settings, source, model_out, train=recipe)
 
@@ -93,7 +93,7 @@ def test_two_workers_survive_a_killed_worker_and_resume(ray_session, tmp_path: P
             os._exit(1)
 
     # Balanced class weights ride along: the weighted input pipeline under two workers.
-    recipe = train.TrainSettings(workers=2, epochs=6, max_failures=1, class_weight="balanced", **FAST)
+    recipe = TrainSettings(workers=2, epochs=6, max_failures=1, class_weight="balanced", **FAST)
     result = train.run(settings, source, str(tmp_path / "model"), train=recipe, epoch_hook=kill_rank1_once)
 
     assert killed.exists()
@@ -102,4 +102,4 @@ def test_two_workers_survive_a_killed_worker_and_resume(ray_session, tmp_path: P
     history = io.read_json(str(tmp_path / "model" / train.HISTORY_FILE), settings.storage)
     assert [row["epoch"] for row in history] == list(range(1, 7)) and result.epochs_run == 6
     assert result.val_accuracy is not None and result.val_accuracy > 1 / 7
-    assert np.load(tmp_path / "model" / train.HEAD_FILE)["w000"].shape == (1280, head.HeadSettings().hidden)
+    assert np.load(tmp_path / "model" / train.HEAD_FILE)["w000"].shape == (1280, HeadSettings().hidden)
