@@ -72,6 +72,11 @@ def _print_summary(summary: Any) -> None:
     if data["stage"] == "evaluate":
         _print_evaluation(data)
         return
+    if data["stage"] == "demo":
+        _print_pipeline(data["pipeline"])
+        print(f"ferray demo: model used for annotation: {data['model']}\n"
+              f"  report:      {data['report']}\n  annotations: {data['annotations']}")
+        return
     if data["stage"] == "pipeline":
         _print_pipeline(data)
         return
