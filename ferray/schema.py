@@ -83,3 +83,48 @@ ALIGNED_SCHEMA = pa.schema(list(INGEST_SCHEMA) + list(ALIGN_FIELDS))
 EMBEDDING, BACKBONE = "embedding", "backbone"
 EMBED_FIELDS: tuple[pa.Field, ...] = (pa.field(EMBEDDING, pa.list_(pa.float32())), pa.field(BACKBONE, pa.string()))
 EMBEDDED_SCHEMA = pa.schema(list(ALIGNED_SCHEMA) + list(EMBED_FIELDS))
+
+# Annotation rows (SPEC: Annotation rows): one per face, or one status row for an image, a sampled
+# frame or a whole file without one. `unit` names the work unit (an image, or `video@segment/of`).
+MEDIA_IMAGE, MEDIA_VIDEO = "image", "video"
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("unit", pa.string(), nullable=False),
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("media_type", pa.string()),
+        pa.field("frame_index", pa.int64()),
+        pa.field("timestamp_s", pa.float64()),
+        pa.field("face_index", pa.int32()),
+        pa.field(FACES_FOUND, pa.int32()),
+        pa.field(BBOX, pa.list_(pa.int32(), 4)),
+        pa.field("label", pa.int8()),
+        pa.field("label_name", pa.string()),
+        pa.field("confidence", pa.float32()),
+        pa.field("probs", pa.list_(pa.float32(), len(LABELS))),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+
+# One row per video (SPEC: `OUT/videos/`): share of sampled time per expression of the largest face.
+VIDEO_SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("frames_sampled", pa.int64()),
+        pa.field("frames_with_face", pa.int64()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("faces_per_frame", pa.float64()),
+        pa.field("max_faces_per_frame", pa.int32()),
+        *[pa.field(f"share_{name}", pa.float64()) for name in LABELS],
+        pa.field("share_no_face", pa.float64()),
+        pa.field("dominant_label", pa.int8()),
+        pa.field("dominant_label_name", pa.string()),
+        pa.field("mean_confidence", pa.float64()),
+        pa.field("error_rows", pa.int64()),
+        pa.field("timeline", pa.string()),
+    ]
+)

@@ -1,0 +1,258 @@
+"""`ferray annotate` end to end on real media (FER-2013 faces on canvases, OpenCV videos, bad files):
+local folder, moto S3 prefix and zip; every input accounted for, stats agree, reruns incremental."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from ferray import annotate, io
+from ferray.cli import EXIT_CANNOT_RUN, main
+from ferray.config import Settings, StorageSettings, load_settings
+from ferray.schema import ANNOTATION_SCHEMA, LABELS, VIDEO_SUMMARY_SCHEMA
+from test_video import Expected, build_media, zip_folder
+
+# Small shards and one-second segments, so that shards and video segments spread over both actors.
+KNOBS = {"segment_seconds": 1.0, "shard_frames": 8}
+
+
+def settings_for(**annotate_knobs: Any) -> Settings:
+    return load_settings(ray={"progress_bars": False}, annotate={**KNOBS, **annotate_knobs})
+
+
+def all_rows(out: str, storage: StorageSettings) -> pa.Table:
+    """Every row of OUT, ok and quarantined, from the marked shards only."""
+    sink = io.ShardSink(out, storage)
+    tables = []
+    for uri in io.completed_shards(out, storage):
+        shard = uri.rsplit("/", 1)[-1][: -len(".parquet")]
+        tables.append(io.read_parquet(uri, storage))
+        if io.exists(sink.quarantine_uri(shard), storage):
+            tables.append(io.read_parquet(sink.quarantine_uri(shard), storage))
+    return pa.concat_tables(tables)
+
+
+def relpath_of(source_path: str, root: str) -> str:
+    return source_path[len(root.rstrip("/")) + 1 :]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Expected]:
+    root = tmp_path_factory.mktemp("media") / "archive"
+    return root, build_media(root)
+
+
+@pytest.fixture(scope="module")
+def folder_run(ray_session: None, model_dir: Path, media_root: tuple[Path, Expected],
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root, _ = media_root
+    out = tmp_path_factory.mktemp("annotated") / "out"
+    summary = annotate.run(settings_for(), str(model_dir), str(root), str(out))
+    return {"summary": summary, "out": out, "rows": all_rows(str(out), StorageSettings())}
+
+
+def check_run(rows: pa.Table, root: str, expected: Expected, model_dir: Path, out: str, storage: StorageSettings) -> None:
+    """What every run must show, wherever SOURCE and OUT live."""
+    assert rows.schema == ANNOTATION_SCHEMA
+    paths = [relpath_of(p, root) for p in rows["source_path"].to_pylist()]
+    assert set(paths) == expected.all, "every input is accounted for"
+    assert len(set(rows["id"].to_pylist())) == rows.num_rows, "row ids are unique"
+    version = json.loads((model_dir / "ferray.json").read_text())
+    assert set(rows["model_version"].to_pylist()) == {version.get("version") or version["created_at"]}
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for path, row in zip(paths, rows.to_pylist()):
+        by_path.setdefault(path, []).append(row)
+
+    for path, reason in expected.bad.items():
+        assert [r["status"] for r in by_path[path]] == [reason], path
+        assert by_path[path][0]["error"]
+    for path in expected.canvases:
+        (face,) = by_path[path]
+        assert face["status"] == "ok" and face["face_index"] == 0 and face["frame_index"] is None, path
+        probs = np.array(face["probs"])
+        assert probs.shape == (7,) and probs.sum() == pytest.approx(1.0, abs=1e-4)
+        assert face["label"] == probs.argmax() and face["label_name"] == LABELS[face["label"]]
+        assert face["confidence"] == pytest.approx(probs.max())
+        assert face["bbox"][2] >= 100  # the pasted face is 144–192 px, not a speck of background
+    assert sorted(r["face_index"] for r in by_path[expected.two_faces]) == [0, 1]
+    assert [r["status"] for r in by_path[expected.no_face]] == ["align:no_face"]
+    for path, (fps, with_face, frames) in expected.videos.items():
+        sampled = sorted(by_path[path], key=lambda r: r["frame_index"])
+        step = round(fps / 2)  # --fps 2
+        assert [r["frame_index"] for r in sampled] == list(range(0, frames, step)), path
+        assert [r["timestamp_s"] for r in sampled] == pytest.approx([k * 0.5 for k in range(len(sampled))])
+        assert [r["status"] for r in sampled] == ["ok" if r["frame_index"] < with_face else "align:no_face" for r in sampled]
+        assert len({r["unit"] for r in sampled}) > 1, "the video was split into segments"
+
+    # The stats agree with the rows, shard by shard and in total.
+    stats = io.read_stats(out, storage)
+    assert sum(s["rows"] for s in stats) == rows.num_rows
+    statuses = rows["status"].to_pylist()
+    totals: dict[str, int] = {}
+    for s in stats:
+        for key, count in s["by_status"].items():
+            totals[key] = totals.get(key, 0) + count
+    assert totals == {k: statuses.count(k) for k in set(statuses)}
+    assert sum(s["extra"]["faces"] for s in stats) == statuses.count("ok")
+    assert sum(s["extra"]["no_face"] for s in stats) == statuses.count("align:no_face")
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    mean = sum(s["extra"]["confidence_sum"] for s in stats) / ok.num_rows
+    assert mean == pytest.approx(pc.mean(ok["confidence"]).as_py(), rel=1e-5)
+    assert all(0 <= s["no_face_rate"] <= 1 for s in stats if s["no_face_rate"] is not None)
+
+    # One summary row and one timeline per readable video.
+    for path, (_, with_face, frames) in expected.videos.items():
+        summary = io.read_parquet(io.join(out, "videos", f"{path}.parquet"), storage)
+        assert summary.schema == VIDEO_SUMMARY_SCHEMA
+        row = summary.to_pylist()[0]
+        sampled = len(range(0, frames, round(expected.videos[path][0] / 2)))
+        assert row["frames_sampled"] == sampled and row["status"] == "ok"
+        assert row["share_no_face"] == pytest.approx(1 - row["frames_with_face"] / sampled)
+        assert sum(row[f"share_{n}"] for n in LABELS) + row["share_no_face"] == pytest.approx(1.0)
+        png = io.read_bytes(io.join(out, "timelines", f"{path}.png"), storage)
+        assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape[2] == 3
+
+
+def test_folder_every_input_accounted_for(folder_run: dict[str, Any], media_root: tuple[Path, Expected],
+                                          model_dir: Path) -> None:
+    root, expected = media_root
+    summary = folder_run["summary"]
+    assert summary.shards_written >= 3 and summary.shards_skipped == 0
+    assert summary.rows == folder_run["rows"].num_rows
+    check_run(folder_run["rows"], str(root), expected, model_dir, str(folder_run["out"]), StorageSettings())
+    assert summary.extra["video_seconds"] == pytest.approx(3.0 + 2.0)
+    assert summary.extra["inputs_video"] == 4 and summary.extra["inputs_other"] == 1
+
+
+def test_reruns_are_incremental_and_resumable(folder_run: dict[str, Any], media_root: tuple[Path, Expected],
+                                              model_dir: Path, tmp_path: Path) -> None:
+    root, out = tmp_path / "archive", tmp_path / "out"
+    shutil.copytree(media_root[0], root)
+    shutil.copytree(folder_run["out"], out)
+    settings = settings_for()
+    before = folder_run["rows"]
+
+    # 1. Same SOURCE, same model: nothing is written, not even the run record.
+    files = snapshot(out)
+    again = annotate.run(settings, str(model_dir), str(root), str(out))
+    assert again.shards_written == 0 and again.shards_skipped == folder_run["summary"].shards_written
+    assert again.rows == before.num_rows and snapshot(out) == files
+
+    # 2. One new file: only it is processed, in one new shard.
+    (root / "photos/new").mkdir()
+    shutil.copy(root / "photos/album/happy-3.bmp", root / "photos/new/happy-copy.bmp")
+    added = annotate.run(settings, str(model_dir), str(root), str(out))
+    assert added.shards_written == 1
+    new = sorted(set(snapshot(out)) - set(files))
+    stats = io.read_json(str(out / next(p for p in new if p.startswith("_stats/"))), StorageSettings())
+    assert [u[0] for u in stats["units"]] == ["photos/new/happy-copy.bmp"] and stats["rows"] == 1
+    rows = all_rows(str(out), StorageSettings())
+    assert rows.num_rows == before.num_rows + 1
+
+    # 3. A crash between writing a shard and marking it: the rerun redoes that shard alone, and
+    #    neither loses nor duplicates a row; unmarked leftovers of the crash are removed.
+    victim = sorted((out / "_markers").glob("*.json"))[0]
+    victim.unlink()
+    (out / "part-0123456789abcdef.parquet").write_bytes(b"half a file")
+    resumed = annotate.run(settings, str(model_dir), str(root), str(out))
+    assert resumed.shards_written == 1 and victim.exists()
+    assert not (out / "part-0123456789abcdef.parquet").exists()
+    after = all_rows(str(out), StorageSettings())
+    assert sorted(after["id"].to_pylist()) == sorted(rows["id"].to_pylist())
+
+    # 4. A file replaced in place (another size) is annotated again, its old rows dropped.
+    shutil.copy(root / "photos/pair.png", root / "photos/new/happy-copy.bmp")
+    replaced = annotate.run(settings, str(model_dir), str(root), str(out))
+    assert replaced.shards_written == 1
+    after = all_rows(str(out), StorageSettings())
+    mine = [r for r in after.to_pylist() if r["source_path"].endswith("photos/new/happy-copy.bmp")]
+    assert sorted(r["face_index"] for r in mine) == [0, 1] and after.num_rows == rows.num_rows + 1
+
+    # 5. Another model version re-annotates everything and then supersedes the old shards.
+    second = tmp_path / "model-v2"
+    shutil.copytree(model_dir, second)
+    meta = json.loads((second / "ferray.json").read_text())
+    (second / "ferray.json").write_text(json.dumps({**meta, "version": "v2-test"}))
+    redone = annotate.run(settings, str(second), str(root), str(out))
+    assert redone.shards_written >= 3 and redone.shards_skipped == 0 and redone.extra["shards_superseded"] >= 4
+    final = all_rows(str(out), StorageSettings())
+    assert set(final["model_version"].to_pylist()) == {"v2-test"}
+    assert sorted(final["id"].to_pylist()) == sorted(after["id"].to_pylist()), "ids are stable across models"
+    summary = io.read_parquet(str(out / "videos/clips/talk.mp4.parquet"), StorageSettings())
+    assert summary["model_version"].to_pylist() == ["v2-test"]
+    keys = {json.loads(p.read_text())["run_key"] for p in (out / "_stats").glob("*.json")}
+    assert len(keys) == 1 and len(list((out / "_markers").glob("*.json"))) == redone.shards_written
+
+
+def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple[Path, Expected], model_dir: Path) -> None:
+    root, expected = media_root
+    storage = load_settings().storage.resolved()
+    fs, _ = io.url_to_fs(s3_bucket, storage)
+    source, out = f"{s3_bucket}/annotate/archive", f"{s3_bucket}/annotate/out"
+    for path in root.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{source[5:]}/{path.relative_to(root).as_posix()}", path.read_bytes())
+    summary = annotate.run(settings_for(), str(model_dir), source, out)
+    rows = all_rows(out, storage)
+    check_run(rows, source, expected, model_dir, out, storage)
+    assert summary.rows == rows.num_rows
+    # The same files give the same rows, wherever SOURCE lives.
+    local = folder_run["rows"]
+    assert sorted(rows["id"].to_pylist()) == sorted(local["id"].to_pylist())
+    assert dict(zip(rows["id"].to_pylist(), rows["label"].to_pylist())) == dict(
+        zip(local["id"].to_pylist(), local["label"].to_pylist()))
+    assert annotate.run(settings_for(), str(model_dir), source, out).shards_written == 0
+
+
+def test_cli_on_a_zip_with_split_pools_and_copied_videos(
+        folder_run: dict[str, Any], media_root: tuple[Path, Expected], model_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ferray annotate` on a zip, detection and classification in separate actor pools (the GPU
+    layout, here on CPU) and videos copied out of the archive; settings from env and flags."""
+    root, expected = media_root
+    archive = zip_folder(root, tmp_path / "archive.zip")
+    out = tmp_path / "out"
+    for key, value in {"POOLS": "split", "VIDEO_IO": "copy", "SHARD_FRAMES": "8"}.items():
+        monkeypatch.setenv(f"FERRAY_ANNOTATE__{key}", value)
+    monkeypatch.setenv("FERRAY_RAY__PROGRESS_BARS", "false")
+    code = main(["annotate", str(model_dir), str(archive), str(out), "--fps", "2", "--segment-seconds", "1",
+                 "--log-level", "WARNING"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"ferray annotate: {archive} -> {out}" in printed and "video:unreadable 1" in printed
+    rows = all_rows(str(out), StorageSettings())
+    check_run(rows, str(archive), expected, model_dir, str(out), StorageSettings())
+    local = folder_run["rows"]
+    assert sorted(zip(rows["id"].to_pylist(), rows["status"].to_pylist())) == sorted(
+        zip(local["id"].to_pylist(), local["status"].to_pylist()))
+    record = io.read_json(str(out / "_ferray/annotate.json"), StorageSettings())
+    assert record["settings"]["annotate"]["pools"] == "split" and record["summary"]["rows"] == rows.num_rows
+
+
+def test_out_inside_source_is_not_an_input(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos/a.jpg").write_bytes(b"x")
+    (tmp_path / "labels/timelines").mkdir(parents=True)
+    (tmp_path / "labels/timelines/v.mp4.png").write_bytes(b"x")
+    files = annotate._inputs(io.Tree(str(tmp_path), StorageSettings()), str(tmp_path / "labels"), StorageSettings())
+    assert [f.relpath for f in files] == ["photos/a.jpg"]
+
+
+def test_missing_model_is_a_one_line_failure(tmp_path: Path, media_root: tuple[Path, Expected],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["annotate", str(tmp_path / "no-model"), str(media_root[0]), str(tmp_path / "out")])
+    assert code == EXIT_CANNOT_RUN
+    assert "no model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
