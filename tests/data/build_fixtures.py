@@ -130,10 +130,19 @@ def build_demo_media(zip_path: str) -> None:
     rng = random.Random(7)
     media = ASSETS / "demo-media"
     media.mkdir(parents=True, exist_ok=True)
+    import dlib
+
+    detector = dlib.get_frontal_face_detector()
     with zipfile.ZipFile(zip_path) as source:
         names = [n for n in sorted(source.namelist()) if n.startswith("test/") and "PrivateTest" in n]
-        picked = [names[i] for i in (3, 500, 1100, 2000, 2600, 3300)]
-        faces = [np.asarray(Image.open(io.BytesIO(source.read(n))).convert("L")) for n in picked]
+        rng.shuffle(names)
+        faces = []
+        for name in names:  # frontal enough for Dlib's HOG once enlarged, as faces in real photos are
+            face = np.asarray(Image.open(io.BytesIO(source.read(name))).convert("L"))
+            if len(detector(canvas(face, (256, 224), 4, (20, 10)), 1)) == 1:
+                faces.append(face)
+            if len(faces) == 6:
+                break
     for index, face in enumerate(faces[:4]):
         photo = canvas(face, (rng.randint(220, 320), rng.randint(200, 280)), rng.choice([3, 4]), (rng.randint(5, 30), rng.randint(5, 30)))
         Image.fromarray(photo).convert("RGB").save(media / f"photo_{index}.jpg", quality=88)
