@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import posixpath
 import tarfile
 import uuid
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -233,13 +236,22 @@ class Tree:
             return bytes(self.fs.cat_file(self.path))
         if self.kind == "dir":
             return bytes(self.fs.cat_file(join(self.path, member)))
+        with self.open(member) as handle:
+            return handle.read()
+
+    def open(self, member: str) -> BinaryIO:
+        """A binary handle on one member, read lazily (a video need not be read whole)."""
+        if self.kind == "file":
+            return self.fs.open(self.path, "rb")
+        if self.kind == "dir":
+            return self.fs.open(join(self.path, member), "rb")
         archive = self._open_archive()
         if isinstance(archive, zipfile.ZipFile):
-            return archive.read(member)
+            return archive.open(member)  # type: ignore[return-value]
         extracted = archive.extractfile(member)
         if extracted is None:
             raise FileNotFoundError(member)
-        return extracted.read()
+        return extracted  # type: ignore[return-value]
 
     def close(self) -> None:
         if self._archive is not None:
@@ -330,10 +342,6 @@ def fetch_cached(uri: str, storage: StorageSettings, cache_dir: str | None = Non
     """A local copy of a remote file (model weights, Dlib models), downloaded once per machine."""
     if not is_remote(uri):
         return uri[len("file://") :] if uri.startswith("file://") else uri
-    import hashlib
-    import os
-    from pathlib import Path
-
     folder = Path(cache_dir or os.path.expanduser("~/.cache/ferray/fetched"))
     fs, path = url_to_fs(uri, storage)
     info = fs.info(path)

@@ -47,18 +47,7 @@ def media_type(name: str) -> str | None:
 def open_member(tree: io.Tree, member: str) -> BinaryIO:
     """A seekable binary handle on one member of a tree, read lazily (never the whole file)."""
     try:
-        if tree.kind == "file":
-            return tree.fs.open(tree.path, "rb")
-        if tree.kind == "dir":
-            return tree.fs.open(io.join(tree.path, member), "rb")
-        # io.Tree reads archive members whole; a video needs a handle, so reuse its open archive.
-        archive = tree._open_archive()
-        if tree.kind == "zip":
-            return archive.open(member)  # type: ignore[union-attr,return-value]
-        handle = archive.extractfile(member)  # type: ignore[union-attr]
-        if handle is None:
-            raise FileNotFoundError(member)
-        return handle  # type: ignore[return-value]
+        return tree.open(member)
     except FileNotFoundError:
         raise MediaError("read", "missing", "listed but gone when read") from None
     except (OSError, EOFError, KeyError, ValueError) as error:  # unreadable object, corrupt archive member
