@@ -80,6 +80,10 @@ def _print_summary(summary: Any) -> None:
     if data["stage"] == "pipeline":
         _print_pipeline(data)
         return
+    if data["stage"] == "retrain":
+        _print_pipeline(data["pipeline"])
+        print(f"ferray retrain: {summary.line()}")
+        return
     lines = [f"ferray {data['stage']}: {data['source']} -> {data['out']}"]
     lines.append(f"  rows in: {data['rows']}   ok: {data['by_status'].get('ok', 0)}   time: {data['seconds']:.1f} s")
     lines.append(f"  shards: {data['shards_written']} written, {data['shards_skipped']} skipped (already complete)")
@@ -142,6 +146,10 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
 def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import pipeline
 
+    if args.retrain:
+        from ferray import retrain
+
+        return retrain.run(settings)
     return pipeline.run(settings)
 
 
@@ -220,7 +228,12 @@ def _parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", parents=[common], help="ingest -> align -> embed -> train -> evaluate from --config")
     pipeline.add_argument("--workdir", help="where every stage's output is cached (pipeline.workdir)")
-    pipeline.set_defaults(handler=_cmd_pipeline, overrides=lambda a: {"pipeline": {"workdir": a.workdir}})
+    pipeline.add_argument("--retrain", action="store_true", help="rerun on the current data, publish the model to "
+                          "the registry and promote it only if it scores at least current - tolerance on the "
+                          "fixed holdout (retrain.*)")
+    pipeline.add_argument("--registry", help="registry folder or s3:// prefix for --retrain (retrain.registry)")
+    pipeline.set_defaults(handler=_cmd_pipeline, overrides=lambda a: {"pipeline": {"workdir": a.workdir},
+                                                                      "retrain": {"registry": a.registry}})
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")

@@ -310,6 +310,29 @@ class PipelineSettings(Section):
     backbones: list[str] = Field(default_factory=list)
 
 
+class RetrainSettings(Section):
+    """`ferray pipeline --retrain` (owned by ferray.retrain): the registry and the promotion gate."""
+
+    # Registry folder or `s3://` prefix (conventionally `…/models`); None = `<pipeline.workdir>/registry`.
+    registry: str | None = Field(default=None, min_length=1)
+    # Promote when candidate >= current - tolerance on `metric`, both scored on the same holdout rows.
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    tolerance: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The fixed holdout: None = the training dataset itself (its `holdout_split`); or another dataset,
+    # prepared and embedded like an evaluate target. It must not change between runs, or the gate
+    # compares numbers on different faces (the decision records the holdout's fingerprint).
+    holdout: DataSource | None = None
+    holdout_split: Literal["val", "test", "all"] = "test"
+
+    @model_validator(mode="after")
+    def _holdout_not_training_rows(self) -> RetrainSettings:
+        # `all` of the training dataset includes the rows the candidate was fitted on.
+        if self.holdout is None and self.holdout_split == "all":
+            raise ValueError("holdout_split 'all' of the training dataset would score the candidate on its own "
+                             "training rows; name a separate retrain.holdout or use val/test")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole validated, frozen settings tree."""
 
@@ -329,6 +352,7 @@ class Settings(BaseSettings):
     head: HeadSettings = HeadSettings()
     train: TrainSettings = TrainSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    retrain: RetrainSettings = RetrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     annotate: AnnotateSettings = AnnotateSettings()
 

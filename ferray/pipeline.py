@@ -42,6 +42,15 @@ def _log_stage(name: str, summary: Any) -> None:
              summary.shards_written, summary.shards_skipped, summary.seconds, rate)
 
 
+def _log_training(result: Any, wall: float) -> None:
+    # Rows seen per second over the whole training run, start-up included. A finished run found in
+    # the cache is returned as it was, so this call's own wall time is logged beside it.
+    rows = result.rows.get("train", 0)
+    rate = rows * result.epochs_run / result.seconds if result.seconds else 0.0
+    log.info("train %s: %d rows x %d epochs in %.1f s, %.0f rows/s (this call %.1f s)", result.run_name, rows,
+             result.epochs_run, result.seconds, rate, wall)
+
+
 def prepare(settings: Settings, source: DataSource, workdir: str) -> str:
     """Ingest and align one dataset (cached); returns its aligned shards."""
     base = io.join(workdir, "data", source.label)
@@ -83,7 +92,9 @@ def run(settings: Settings) -> PipelineSummary:
         data = {t.label: embedded(chosen, aligned[t.label], plan.workdir, t.label) for t in targets}
         train_data, rate = data[plan.train.label]
         model_out = io.join(plan.workdir, "models", train_data.rsplit("/", 1)[-1])
+        began = time.perf_counter()
         result = train.run(chosen, train_data, model_out)
+        _log_training(result, time.perf_counter() - began)
         artifact = artifacts.from_training(chosen, result, model_out, train_data)
         row: dict[str, Any] = {"backbone": name, "model": model_out, "val_accuracy": result.val_accuracy,
                                "parameters": int(artifact.model.count_params()), "embeddings_per_s": rate,
@@ -91,8 +102,13 @@ def run(settings: Settings) -> PipelineSummary:
         for target in targets:
             report = io.join(plan.workdir, "reports", name, target.label)
             evaluation = evaluate.run(chosen, model_out, data[target.label][0], report)
-            row["reports"][target.label] = {"report": report, "split": evaluation.split, "rows": evaluation.rows,
-                                            "accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1}
+            # `data`: the shards scored (embedded; aligned when fine-tuned), so the retrain gate can score
+            # other models on the same rows.
+            row["reports"][target.label] = {"report": report, "data": data[target.label][0], "split": evaluation.split,
+                                            "rows": evaluation.rows, "accuracy": evaluation.accuracy,
+                                            "macro_f1": evaluation.macro_f1}
+            log.info("evaluate %s on %s %s: %d rows in %.1f s, %.0f rows/s", name, target.label, evaluation.split,
+                     evaluation.rows, evaluation.seconds, evaluation.rows / evaluation.seconds if evaluation.seconds else 0.0)
         summary.rows.append(row)
     summary.seconds = round(time.perf_counter() - started, 2)
     io.write_json(io.join(plan.workdir, "sweep.json"), summary.to_dict(), storage)
