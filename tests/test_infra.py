@@ -148,6 +148,13 @@ def test_entrypoints_exist_and_read_the_mounted_config() -> None:
     assert entry_script(dict(specs)["rayjob-annotate.yaml"]["entrypoint"]) == "jobs/annotate.py"
 
 
+def test_retrain_promotes_into_the_registry_annotate_reads() -> None:
+    settings = load_settings(INFRA / "ferray.yaml")
+    assert settings.pipeline.train is not None, "jobs/retrain.py needs pipeline.train in the cluster's settings"
+    words = dict(rayjob_specs())["rayjob-annotate.yaml"]["entrypoint"].split()
+    assert words[words.index("jobs/annotate.py") + 1] == settings.retrain.registry
+
+
 def test_settings_file_is_valid_and_the_configmap_carries_it() -> None:
     load_settings(INFRA / "ferray.yaml")  # raises ConfigError on any unknown or invalid key
     configmap = dict((doc["metadata"]["name"], doc) for _, doc in by_kind("ConfigMap"))["ferray-config"]
