@@ -77,7 +77,8 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     storage = settings.storage.resolved()
     io.check_reachable(source, storage, must_exist=True)
     summary = run_stage(spec(settings, storage), source, out, storage, settings.ray)
-    sheet = contact_sheet(out, storage)
+    # An empty input (an empty SOURCE upstream) has no faces to show, and OUT no shards to list.
+    sheet = contact_sheet(out, storage) if summary.by_status.get("ok") else None
     if sheet is not None:
         ok, png = cv2.imencode(".png", sheet)
         if ok:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from ferray import io, media, video
 from ferray.config import AnnotateSettings, FacesSettings, Settings, StorageSettings
-from ferray.faces import align_image, load_detector, load_predictor
+from ferray.faces import TOO_SMALL, align_image, load_detector, load_predictor, too_small
 from ferray.images import DecodeError, open_checked, to_array
 from ferray.media import Ledger, MediaError, ShardRecord, Unit
 from ferray.schema import ANNOTATION_SCHEMA, LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
@@ -160,7 +160,8 @@ class FaceFinder:
         assert unit.member is not None
         rows: list[dict[str, Any]] = []
         with video.capture(self.tree, unit.member, self.settings) as cap:
-            fps = video.probe(cap).fps
+            probe = video.probe(cap)
+            fps = probe.fps
             reader = video.SegmentReader(cap, unit.start, unit.end, media.sample_step(fps, self.settings))
             for frame_index, frame in reader:
                 height, width = frame.shape[:2]
@@ -172,6 +173,11 @@ class FaceFinder:
         if reader.ended_early:
             rows.append(self._status_row(base, unit, status("video", "short_read"),
                                          f"decoding stopped after frame {reader.last_frame}, segment ends at {unit.end}"))
+        elif unit.end is None and video.cut_short(reader.position, probe.frames):
+            # The last segment reads to the file's end; a file cut mid-stream ends before its header says.
+            rows.append(self._status_row(base, unit, status("video", "short_read"),
+                                         f"decoding stopped at frame {reader.position} of the {probe.frames} "
+                                         "the container declares (cut short?)"))
         elif not rows:
             rows.append(self._status_row(base, unit, status("video", "no_frames"), f"no frame decoded from frame {unit.start}"))
         return rows
@@ -179,6 +185,9 @@ class FaceFinder:
     def _frame_rows(self, image: np.ndarray, base: dict[str, Any], path: str, frame: int | None,
                     timestamp: float | None) -> list[dict[str, Any]]:
         where = {**base, "frame_index": frame, "timestamp_s": timestamp}
+        small = too_small(image)
+        if small:
+            return [{**where, "id": row_id(path, frame, None), "status": TOO_SMALL, "error": small}]
         result = align_image(image, self.detector, self.predictor, self.faces, self.settings.max_faces)
         if not result.faces:
             return [{**where, "id": row_id(path, frame, None), "faces_found": 0, "status": NO_FACE, "error": "no face detected"}]
@@ -434,7 +443,10 @@ def _video_key(relpath: str, units: list[tuple[str, int, int, int]], run: str) -
 
 
 def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[ShardRecord], threads: int) -> int:
-    """A summary row (`OUT/videos/<path>.parquet`) and timeline (`OUT/timelines/<path>.png`) per finished video."""
+    """A summary row (`OUT/videos/<path>.parquet`) and timeline (`OUT/timelines/<path>.png`) per finished video.
+
+    A name too long to take the suffix is shortened (`media.output_path`).
+    """
     where: dict[tuple[str, int], list[tuple[str, int, int, int]]] = defaultdict(list)
     shards_of: dict[str, set[str]] = defaultdict(set)
     for record in records:
@@ -450,7 +462,7 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
             wanted[file.relpath] = (file, _video_key(file.relpath, where[(file.relpath, file.size)], job.run_key))
 
     def stale(item: tuple[str, tuple[io.TreeFile, str]]) -> bool:
-        marker = io.join(job.out, VIDEOS, io.MARKERS, f"{item[0]}.json")
+        marker = io.join(job.out, VIDEOS, io.MARKERS, media.output_path(item[0], ".json"))
         return not io.exists(marker, job.storage) or io.read_json(marker, job.storage).get("fingerprint") != item[1][1]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -468,12 +480,14 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
     for relpath, (file, fingerprint) in todo:
         mine = rows.filter(pa.array(relpaths == relpath, pa.bool_()))
         source_path = mine["source_path"][0].as_py() if mine.num_rows else relpath
-        timeline = io.join(job.out, TIMELINES, f"{relpath}.png")
+        timeline = io.join(job.out, TIMELINES, media.output_path(relpath, ".png"))
         summary = video.summarize(source_path, job.model.version, mine, timeline)
         if summary["frames_sampled"]:
             io.write_bytes_atomic(timeline, video.timeline_png(relpath, mine), job.storage)
-        io.write_parquet(video.summary_table(summary), io.join(job.out, VIDEOS, f"{relpath}.parquet"), job.storage)
-        io.write_json(io.join(job.out, VIDEOS, io.MARKERS, f"{relpath}.json"), {"fingerprint": fingerprint}, job.storage)
+        io.write_parquet(video.summary_table(summary), io.join(job.out, VIDEOS, media.output_path(relpath, ".parquet")),
+                         job.storage)
+        io.write_json(io.join(job.out, VIDEOS, io.MARKERS, media.output_path(relpath, ".json")),
+                      {"fingerprint": fingerprint}, job.storage)
     return len(todo)
 
 

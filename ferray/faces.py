@@ -36,6 +36,20 @@ LANDMARK_MODEL_FILES: dict[int, str] = {
 MMOD_MODEL_FILE = "mmod_human_face_detector.dat"
 _MODELS_PACKAGE = "face_recognition_models"
 
+# Shorter sides cannot hold a face Dlib finds (HOG's window is 80 px, 40 px upsampled), and the
+# full-frame fallback would only blow a speck up to a "face"; such images get `align:too_small`.
+MIN_IMAGE_SIDE = 16
+TOO_SMALL = status("align", "too_small")
+
+
+def too_small(image: np.ndarray) -> str | None:
+    """Why an image is too small to align, or None when it is large enough."""
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        return f"{width}x{height} pixels: too small to hold a face (under {MIN_IMAGE_SIDE} px a side)"
+    return None
+
+
 class MissingModelError(FileNotFoundError):
     """A Dlib model file could not be found or loaded; the message names the setting to fix."""
 
@@ -313,6 +327,9 @@ class AlignStage:
             image = to_array(opened, settings.color)
         except DecodeError as error:
             return [_Row(status=error.status, error=str(error))]
+        small = too_small(image)
+        if small:
+            return [_Row(status=TOO_SMALL, error=small)]
         max_faces = 1 if settings.keep == "largest" else None
         result = align_image(image, self.detector, self.predictor, settings, max_faces)
         if not result.faces:

@@ -13,8 +13,13 @@ from ferray.schema import status
 # PIL's own bomb guard warns or raises at a fixed size; ferray checks its configured limit itself.
 Image.MAX_IMAGE_PIXELS = None
 
-# Leading bytes of the formats ferray meets (PNG, JPEG, GIF, BMP, TIFF both orders, WebP/RIFF).
-_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+# Leading bytes of the formats ferray meets (PNG, JPEG, GIF, BMP, TIFF both orders); WebP is checked apart.
+_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    # RIFF alone also starts AVI and WAV files: only a RIFF/WEBP header says "image".
+    return data.startswith(_MAGIC) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
 
 
 class DecodeError(ValueError):
@@ -46,7 +51,7 @@ def open_checked(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     except DecodeError:
         raise
     except UnidentifiedImageError:
-        if data.startswith(_MAGIC):
+        if _has_image_signature(data):
             # An image signature PIL cannot parse: a damaged or cut-off header, not a stray file.
             raise DecodeError("corrupt", "image header is damaged or cut short") from None
         raise DecodeError("not_image", "not a recognised image format") from None

@@ -100,7 +100,9 @@ def write_bytes_atomic(uri: str, data: bytes, storage: StorageSettings) -> None:
     fs, path = url_to_fs(uri, storage)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        # Beside the target, but short: a target name near NAME_MAX must still get a temp file.
+        folder, name = posixpath.split(path)
+        tmp = posixpath.join(folder, f".{name[:40]}.tmp-{uuid.uuid4().hex}")
         with fs.open(tmp, "wb") as handle:
             handle.write(data)
         fs.mv(tmp, path)
@@ -144,15 +146,26 @@ def check_reachable(uri: str, storage: StorageSettings, must_exist: bool) -> Non
 # Trees: a folder, an archive, or an object-store prefix, listed as relative POSIX paths.
 
 
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes the OS could not decode (surrogates) become `%XX`.
+
+    Local and tar names that are not UTF-8 reach Python as lone surrogates, which neither hashing
+    (row ids) nor Arrow strings accept; the escaped form keeps such a file a normal row.
+    """
+    if not any("\udc80" <= char <= "\udcff" for char in name):
+        return name
+    return "".join(f"%{ord(char) - 0xDC00:02X}" if "\udc80" <= char <= "\udcff" else char for char in name)
+
+
 def safe_relpath(name: str) -> str | None:
-    """A member name normalised to a relative path, or None if it would escape its root."""
+    """A member name normalised to a printable relative path, or None if it would escape its root."""
     clean = name.replace("\\", "/")
     if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
         return None
     parts = [part for part in clean.split("/") if part not in ("", ".")]
     if not parts or any(part == ".." for part in parts):
         return None
-    return "/".join(parts)
+    return printable("/".join(parts))
 
 
 @dataclass(frozen=True)
@@ -228,7 +241,8 @@ class Tree:
         return sorted(out, key=lambda f: f.member)
 
     def member_uri(self, member: str) -> str:
-        return self.uri if self.kind == "file" else join(self.uri, member)
+        """Where a member is, as printable text for `source_path` columns (reads use the member)."""
+        return printable(self.uri if self.kind == "file" else join(self.uri, member))
 
     def read(self, member: str) -> bytes:
         """The bytes of one member; never extracts anything to disk."""
@@ -318,6 +332,8 @@ def completed_shards(out_uri: str, storage: StorageSettings) -> list[str]:
     fs, path = url_to_fs(out_uri, storage)
     marker_dir = join(path, MARKERS)
     if not fs.exists(marker_dir):
+        if fs.exists(join(path, META)):  # a finished run that had nothing to write (an empty SOURCE)
+            return []
         raise StorageError(f"no finished shards under {out_uri} (no {MARKERS}/)")
     names = sorted(posixpath.basename(p)[: -len(".json")] for p in fs.ls(marker_dir, detail=False) if p.endswith(".json"))
     return [join(out_uri, f"{name}.parquet") for name in names]

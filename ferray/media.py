@@ -54,6 +54,28 @@ def open_member(tree: io.Tree, member: str) -> BinaryIO:
         raise MediaError("read", "error", f"{type(error).__name__}: {error}"[:300]) from None
 
 
+# Longest file name most local file systems accept (NAME_MAX, in bytes).
+NAME_MAX = 255
+
+
+def output_path(relpath: str, suffix: str) -> str:
+    """`relpath + suffix` for a per-input output file, its last part shortened to fit NAME_MAX.
+
+    An input may already use the whole name length (`<250 bytes>.mp4`); its summary `….mp4.parquet`
+    would then not fit. Such names keep a readable prefix and a hash of the whole name, so that two
+    long names never share an output; S3 gets the same names, so both layouts match.
+    """
+    folder, _, name = relpath.rpartition("/")
+    wanted = name + suffix
+    if len(wanted.encode()) <= NAME_MAX:
+        return relpath + suffix
+    digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+    room = NAME_MAX - len(f"~{digest}{suffix}".encode())
+    prefix = name.encode()[:room].decode("utf-8", "ignore")  # never cut a character in half
+    short = f"{prefix}~{digest}{suffix}"
+    return f"{folder}/{short}" if folder else short
+
+
 # --------------------------------------------------------------------------- frame sampling
 
 
@@ -121,7 +143,7 @@ class Unit:
 def file_unit(file: io.TreeFile) -> Unit:
     """The single unit of an image or of a file that is not media (reported, never dropped)."""
     if file.relpath is None:
-        return Unit(file.member, None, file.size, None, status=UNSAFE, error="member path escapes the source root")
+        return Unit(io.printable(file.member), None, file.size, None, status=UNSAFE, error="member path escapes the source root")
     kind = media_type(file.relpath)
     if kind is None:
         ext = posixpath.splitext(file.relpath)[1] or "(none)"
@@ -216,7 +238,7 @@ class Ledger:
 
     def covers(self, file: io.TreeFile) -> bool:
         """Every unit of the file is finished; for a video, every segment of some segmentation."""
-        relpath = file.relpath if file.relpath is not None else file.member
+        relpath = file.relpath if file.relpath is not None else io.printable(file.member)
         found = self._done.get((relpath, file.size))
         if not found:
             return False

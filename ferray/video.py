@@ -168,6 +168,15 @@ class SegmentReader:
         return max(0, self.position - self.start) / fps
 
 
+def cut_short(decoded: int, declared: int) -> bool:
+    """Decoding a whole file stopped clearly before the frame count its container declares.
+
+    Some containers only estimate the count (from duration × rate), so a frame or two, or 1%,
+    of shortfall is normal; more means the file was cut mid-stream.
+    """
+    return declared > 0 and decoded < declared - max(2, declared // 100)
+
+
 def to_pixels(frame: np.ndarray, color: str) -> np.ndarray:
     """An OpenCV BGR frame as the grey or RGB array the face pipeline takes."""
     return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY if color == "gray" else cv2.COLOR_BGR2RGB)

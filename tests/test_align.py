@@ -84,7 +84,7 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path: Path, settings: Setting
     summary = align.run(with_faces(settings, fallback="none", upsample=2), ingested, aligned)
     _, bad = assert_conserved(summary, aligned, settings.storage, 4)
     statuses = {row["source_path"].rsplit("/", 1)[-1]: row["status"] for row in bad.to_pylist()}
-    assert statuses == {"blank.png": "align:no_face", "tiny.png": "align:no_face", "huge.png": "decode:too_large"}
+    assert statuses == {"blank.png": "align:no_face", "tiny.png": "align:too_small", "huge.png": "decode:too_large"}
 
 
 def test_align_reads_and_writes_s3(tmp_path: Path, settings: Settings, s3_bucket: str) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 from ferray.config import IngestSettings
-from ferray.io import Tree, TreeFile
+from ferray.io import Tree, TreeFile, printable
 from ferray.schema import status
 
 UNEXPECTED = status("ingest", "unexpected_file")
@@ -56,7 +56,7 @@ def find_root(files: Iterable[TreeFile], anchor: Callable[[str], bool], depth: i
 
 
 def unsafe_entry(file: TreeFile) -> Entry:
-    return Entry(relpath=file.member, member=None, status=UNSAFE, error="member path escapes the source root")
+    return Entry(relpath=printable(file.member), member=None, status=UNSAFE, error="member path escapes the source root")
 
 
 def stray_entry(rel: str, file: TreeFile, layout: str) -> Entry:
