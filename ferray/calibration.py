@@ -35,7 +35,9 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood (scikit-learn's log loss over the 7 classes)."""
-    return float(log_loss(labels, probs, labels=_LABELS))
+    # float32 softmax rows sum to 1 only within rounding; renormalise so sklearn gets probabilities.
+    probs = np.asarray(probs, np.float64)
+    return float(log_loss(labels, probs / probs.sum(axis=1, keepdims=True), labels=_LABELS))
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -138,6 +138,10 @@ def _cmd_annotate(settings: Settings, args: argparse.Namespace) -> Any:
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import model, train
 
+    if settings.finetune.enabled:
+        from ferray import tune
+
+        return tune.run(settings, args.input, args.model_out)
     result = train.run(settings, args.input, args.model_out)
     model.from_training(settings, result, args.model_out, args.input)
     return result
@@ -223,8 +227,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (train.use_gpu)")
     train.add_argument("--epochs", type=int, help="epochs (train.epochs; paper recipe: SGD 0.9, lr 1e-3 x0.9 / 10 epochs)")
     train.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
-    train.set_defaults(handler=_cmd_train, overrides=lambda a: {"train": {
-        "workers": a.workers, "use_gpu": a.gpu, "epochs": a.epochs, "batch_size": a.batch_size}})
+    train.add_argument("--fine-tune", metavar="K|all", help="adapt the backbone instead: unfreeze its top K blocks "
+                       "(or all) and train end to end on ALIGNED faces (finetune.unfreeze; recipe in finetune.*)")
+    train.set_defaults(handler=_cmd_train, overrides=_train_overrides)
 
     pipeline = commands.add_parser("pipeline", parents=[common], help="ingest -> align -> embed -> train -> evaluate from --config")
     pipeline.add_argument("--workdir", help="where every stage's output is cached (pipeline.workdir)")
@@ -239,6 +244,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")
     demo.set_defaults(handler=_cmd_demo, overrides=lambda a: {})
     return parser
+
+
+def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    # With --fine-tune, --epochs and --batch-size speak of the fine-tune's recipe.
+    recipe = {"epochs": a.epochs, "batch_size": a.batch_size}
+    placement = {"workers": a.workers, "use_gpu": a.gpu}
+    if a.fine_tune is not None:
+        return {"train": placement, "finetune": {"unfreeze": a.fine_tune, **recipe}}
+    return {"train": {**placement, **recipe}}
 
 
 def _overrides(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -286,6 +286,68 @@ class TrainSettings(Section):
         return self.model_dump(mode="json", exclude=placement)
 
 
+class FineTuneSettings(Section):
+    """Adapting the backbone to faces end to end (owned by ferray.tune; `ferray train --fine-tune K`).
+
+    Off by default: the paper's path freezes the backbone. When on, `ferray train` reads ALIGNED
+    faces (not embeddings), trains backbone + head on one Ray Train worker (a GPU when `--gpu`), and
+    writes an ordinary ferray model whose backbone later frozen heads can reuse
+    (`backbone.weights: artifact:MODEL_DIR`). Placement, checkpoints, run name and max_failures
+    come from `train`.
+    """
+
+    # None = off; K = unfreeze the top K of the 16 MBConv blocks (+ the final conv); "all" = every layer.
+    unfreeze: int | Literal["all"] | None = None
+    # The side the backbone sees; faces are resized inside the model. ImageNet features need more
+    # than 48 px (a 48 px face leaves the last stage a 2x2 map); 64 is what a 2-CPU run affords.
+    input_size: int = Field(default=64, ge=32, le=1024)
+    epochs: int = Field(default=16, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    # AdamW with linear warm-up then cosine decay to zero over `epochs`.
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # "balanced" weights the loss by inverse class frequency (FER-2013's disgust is 1.5% of train).
+    class_weight: Literal["none", "balanced"] = "none"
+    hidden: int = Field(default=256, ge=1, le=16384)
+    dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
+    # Train-time augmentation, applied to raw faces on the fly.
+    flip: bool = True
+    shift: float = Field(default=0.1, ge=0.0, le=0.5)
+    rotation_deg: float = Field(default=10.0, ge=0.0, le=180.0)
+    zoom: float = Field(default=0.1, ge=0.0, le=0.5)
+    erasing: float = Field(default=0.25, ge=0.0, le=1.0)
+    # Stop after this many epochs without a better val accuracy; 0 = run every epoch.
+    patience: int = Field(default=0, ge=0)
+    # Stop after the epoch that would cross this wall-clock budget (the schedule is not rescaled).
+    time_budget_s: float | None = Field(default=None, gt=0)
+    # Recorded in the artifact and applied by evaluate/annotate: average with the mirrored face, and
+    # a temperature fitted on val (NLL) so confidences mean what they say.
+    flip_tta: bool = True
+    calibrate: bool = True
+    seed: int = 0
+
+    @field_validator("unfreeze", mode="before")
+    @classmethod
+    def _unfreeze_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _blocks_exist(self) -> FineTuneSettings:
+        if isinstance(self.unfreeze, int) and not 0 <= self.unfreeze <= 16:
+            raise ValueError(f"unfreeze {self.unfreeze}: EfficientNet has 16 blocks (0..16, or 'all')")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.unfreeze is not None
+
+
 class DataSource(Section):
     """One dataset of an experiment: its layout (`ferray ingest` DATASET) and where it lives."""
 
@@ -351,6 +413,7 @@ class Settings(BaseSettings):
     backbone: BackboneSettings = BackboneSettings()
     head: HeadSettings = HeadSettings()
     train: TrainSettings = TrainSettings()
+    finetune: FineTuneSettings = FineTuneSettings()
     pipeline: PipelineSettings = PipelineSettings()
     retrain: RetrainSettings = RetrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import keras
 import numpy as np
 
+from ferray.config import FineTuneSettings
 from ferray.schema import LABELS
 
 log = logging.getLogger(__name__)
@@ -25,25 +25,8 @@ log = logging.getLogger(__name__)
 N_BLOCKS = 16
 
 
-@dataclass(frozen=True)
-class FineTuneRecipe:
-    """What the fine-tune does; every field is recorded in the artifact's ferray.json."""
-
-    epochs: int = 40
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 2
-    label_smoothing: float = 0.1
-    unfreeze: int | Literal["all"] = "all"  # top K blocks (plus the head conv), or every layer
-    hidden: int = 256
-    dropout: float = 0.3
-    flip: bool = True
-    shift: float = 0.1  # share of the side
-    rotation_deg: float = 10.0
-    zoom: float = 0.1
-    erasing: float = 0.25  # probability of random erasing per image
-    seed: int = 0
+# The recipe is `ferray.config.FineTuneSettings`; every field is recorded in the artifact's ferray.json.
+FineTuneRecipe = FineTuneSettings
 
 
 def augmentation(recipe: FineTuneRecipe) -> keras.Sequential:
@@ -66,12 +49,23 @@ def unfreeze(backbone: keras.Model, how: int | Literal["all"]) -> int:
     """Make the top `how` blocks (and the final conv) trainable; returns trainable weight count."""
     backbone.trainable = True
     if how != "all":
-        first = N_BLOCKS - int(how)
+        top = set(blocks(backbone)[N_BLOCKS - int(how):]) if int(how) else set()
         for layer in _all_layers(backbone):
-            name = layer.name
-            keep = name.startswith("top") or (name.startswith("block") and _block_index(name) >= first)
+            keep = layer.name.startswith("top") or layer.name.split("_")[0] in top
             layer.trainable = keep or not layer.weights
     return int(sum(np.prod(w.shape) for w in backbone.trainable_weights))
+
+
+def blocks(backbone: keras.Model) -> list[str]:
+    """The MBConv block prefixes in execution order: Lite0 `block0`…`block15`, Keras B0 `block1a`…`block7a`."""
+    seen: dict[str, None] = {}
+    for layer in _all_layers(backbone):
+        prefix = layer.name.split("_")[0]
+        if prefix.startswith("block"):
+            seen.setdefault(prefix, None)
+    if len(seen) != N_BLOCKS:
+        raise ValueError(f"expected {N_BLOCKS} MBConv blocks in the backbone, found {len(seen)}")
+    return list(seen)
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -81,23 +75,14 @@ def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return out
 
 
-def _block_index(name: str) -> int:
-    digits = "".join(ch for ch in name[len("block") :].split("_")[0] if ch.isdigit())
-    return int(digits) if digits else -1
-
-
-def build_head_layers(inputs: Any, hidden: int, dropout: float) -> Any:
-    """The paper's two-layer head on a pooled embedding (same layer names as the frozen head)."""
-    x = keras.layers.Dense(hidden, activation="relu", name="head_hidden")(inputs)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    return keras.layers.Dense(len(LABELS), activation="softmax", name="head_output")(x)
-
-
 def classifier(backbone: keras.Model, recipe: FineTuneRecipe) -> keras.Model:
-    """Inference model: face → backbone → head → 7 probabilities (what `model.keras` holds)."""
+    """Inference model: face → backbone → head → 7 probabilities, laid out as every ferray model is
+    (layers `backbone` and `head`), so evaluate's t-SNE and reuse of the backbone work unchanged."""
+    from ferray.head import build_head
+
     inputs = keras.Input(shape=backbone.input_shape[1:], name="face")
-    outputs = build_head_layers(backbone(inputs), recipe.hidden, recipe.dropout)
-    return keras.Model(inputs, outputs, name="ferray")
+    head = build_head(keras, int(backbone.output_shape[-1]), recipe.hidden, recipe.dropout)
+    return keras.Model(inputs, head(backbone(inputs)), name="ferray")
 
 
 def warmup_cosine(recipe: FineTuneRecipe, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:

@@ -89,15 +89,23 @@ def run(settings: Settings) -> PipelineSummary:
         # Validated, so a misspelt backbone in the sweep fails here with the field's name.
         backbone = type(settings.backbone).model_validate({**settings.backbone.model_dump(), "name": name})
         chosen = settings.model_copy(update={"backbone": backbone})
-        data = {t.label: embedded(chosen, aligned[t.label], plan.workdir, t.label) for t in targets}
-        train_data, rate = data[plan.train.label]
-        model_out = io.join(plan.workdir, "models", train_data.rsplit("/", 1)[-1])
         began = time.perf_counter()
-        result = train.run(chosen, train_data, model_out)
-        _log_training(result, time.perf_counter() - began)
-        artifact = artifacts.from_training(chosen, result, model_out, train_data)
+        if settings.finetune.enabled:
+            # The backbone changes, so there is no embedding cache: train and score on aligned faces.
+            data = {t.label: (aligned[t.label], None) for t in targets}
+            model_out, result, parameters = _fine_tune(chosen, aligned[plan.train.label], plan.workdir, name)
+            rate = None
+            _log_training(result, time.perf_counter() - began)
+        else:
+            data = {t.label: embedded(chosen, aligned[t.label], plan.workdir, t.label) for t in targets}
+            train_data, rate = data[plan.train.label]
+            model_out = io.join(plan.workdir, "models", train_data.rsplit("/", 1)[-1])
+            began = time.perf_counter()
+            result = train.run(chosen, train_data, model_out)
+            _log_training(result, time.perf_counter() - began)
+            parameters = int(artifacts.from_training(chosen, result, model_out, train_data).model.count_params())
         row: dict[str, Any] = {"backbone": name, "model": model_out, "val_accuracy": result.val_accuracy,
-                               "parameters": int(artifact.model.count_params()), "embeddings_per_s": rate,
+                               "parameters": parameters, "embeddings_per_s": rate,
                                "train_seconds": result.seconds, "reports": {}}
         for target in targets:
             report = io.join(plan.workdir, "reports", name, target.label)
@@ -116,6 +124,16 @@ def run(settings: Settings) -> PipelineSummary:
     return summary
 
 
+def _fine_tune(settings: Settings, aligned: str, workdir: str, backbone: str) -> tuple[str, Any, int]:
+    """`finetune.unfreeze` set: adapt the backbone on the aligned training faces (ferray.tune)."""
+    from ferray import tune
+
+    model_out = io.join(workdir, "models", f"{backbone}-finetune")
+    result = tune.run(settings, aligned, model_out)
+    parameters = int(artifacts.load(model_out, settings.storage.resolved()).model.count_params())
+    return model_out, result, parameters
+
+
 def sweep_markdown(summary: PipelineSummary, train_label: str) -> str:
     """The backbone comparison table (accuracy and macro-F1 on the training dataset's test split)."""
     lines = [f"# Backbone sweep — trained on {train_label}", "",
@@ -123,7 +141,7 @@ def sweep_markdown(summary: PipelineSummary, train_label: str) -> str:
              "|---|---|---|---|---|---|"]
     for row in summary.rows:
         own = row["reports"].get(train_label, {})
-        rate = f"{row['embeddings_per_s']:.0f}" if row["embeddings_per_s"] else "cached"
+        rate = f"{row['embeddings_per_s']:.0f}" if row["embeddings_per_s"] else "cached or fine-tuned"
         lines.append(f"| {row['backbone']} | {_pct(row['val_accuracy'])} | {_pct(own.get('accuracy'))} | "
                      f"{_pct(own.get('macro_f1'))} | {row['parameters']:,} | {rate} |")
     lines += ["", "Cross-dataset results per backbone are in `reports/<backbone>/<dataset>/report.md`."]

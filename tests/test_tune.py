@@ -1,0 +1,102 @@
+"""Fine-tuning the backbone (`ferray train --fine-tune K`): real faces, Ray Train, resume, a reusable backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ferray import finetune, io, tune
+from ferray import model as artifacts
+from ferray.backbone import BACKBONE_LAYER, build_backbone
+from ferray.cli import main
+from ferray.config import BackboneSettings, ConfigError, load_settings
+from ferray.demo import sample_path
+
+# Small and quick: the point is the wiring, not the accuracy (bench/finetune.py and the shipped
+# model's report measure that on all of FER-2013).
+QUICK = {"input_size": 48, "epochs": 3, "batch_size": 8, "hidden": 16, "calibrate": True}
+
+
+@pytest.fixture(scope="module")
+def aligned(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundled 35 real FER-2013 faces, ingested and aligned (train 21, val 7, test 7)."""
+    out = tmp_path_factory.mktemp("tune")
+    assert main(["ingest", "fer2013", str(sample_path()), str(out / "ingested"), "--log-level", "WARNING"]) == 0
+    assert main(["align", str(out / "ingested"), str(out / "aligned"), "--log-level", "WARNING"]) == 0
+    return str(out / "aligned")
+
+
+def _lite0(**update) -> keras.Model:
+    return build_backbone(BackboneSettings(weights="none", **update), image_size=48)
+
+
+@pytest.mark.parametrize(("name", "top_two"), [("efficientnet-lite0", ("block14", "block15")),
+                                              ("efficientnet-b0", ("block6d", "block7a"))])
+def test_unfreeze_k_trains_only_the_top_blocks(name: str, top_two: tuple[str, str]) -> None:
+    net = _lite0(name=name)
+    assert not net.trainable_weights and len(finetune.blocks(net)) == finetune.N_BLOCKS
+    top2 = finetune.unfreeze(net, 2)
+    trainable = {layer.name.split("_")[0] for layer in finetune._all_layers(net) if layer.trainable and layer.weights}
+    assert top2 > 0 and trainable == {*top_two, "top"}, trainable
+    assert finetune.unfreeze(_lite0(name=name), "all") > top2 * 2
+
+
+def test_bad_fine_tune_settings_fail_before_any_work(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ConfigError, match="16 blocks"):
+        load_settings(finetune={"unfreeze": 17})
+    assert load_settings(finetune={"unfreeze": "3"}).finetune.unfreeze == 3
+    assert not load_settings().finetune.enabled
+    code = main(["train", str(tmp_path), str(tmp_path / "m"), "--fine-tune", "all", "--workers", "2"])
+    assert code == 3 and "one worker" in capsys.readouterr().err
+
+
+def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(aligned: str, tmp_path: Path) -> None:
+    settings = load_settings(ray={"progress_bars": False}, finetune={"unfreeze": "all", **QUICK},
+                             train={"max_failures": 1})
+    killed = tmp_path / "killed"
+
+    def kill_once(rank: int, epoch: int) -> None:
+        # The marker outlives the process, so the restarted worker trains on from its checkpoint.
+        if epoch == 2 and not killed.exists():
+            killed.touch()
+            os._exit(1)
+
+    out = str(tmp_path / "model")
+    result = tune.run(settings, aligned, out, epoch_hook=kill_once)
+
+    assert killed.exists() and result.starts[0] == 0 and len(result.starts) == 2 and result.starts[1] >= 1
+    history = io.read_json(io.join(out, tune.HISTORY_FILE), settings.storage)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert result.rows == {"train": 21, "val": 7, "test": 7}
+
+    # The artifact: loads in safe mode, records TTA and temperature, names its own backbone.
+    artifact = artifacts.load(out, settings.storage)
+    meta = json.loads((Path(out) / artifacts.META_FILE).read_text())
+    assert meta["inference"]["flip_tta"] is True and meta["inference"]["temperature"] == pytest.approx(result.temperature, abs=1e-4)
+    assert "-ft" in meta["backbone"]["fingerprint"] and meta["backbone"]["weights_source"].startswith("fine-tuned from")
+    assert meta["metrics"]["finetune"]["unfreeze"] == "all"
+
+    # The backbone really changed (all layers unfrozen), and is reusable, frozen, for new heads.
+    adapted = artifact.model.get_layer(BACKBONE_LAYER)
+    imagenet = build_backbone(tune.backbone_settings(settings), image_size=48)
+    changed = [not np.allclose(a, b) for a, b in zip(adapted.get_weights(), imagenet.get_weights())]
+    assert sum(changed) > len(changed) // 2
+    reused = build_backbone(BackboneSettings(weights=f"artifact:{out}", input_size=48), image_size=48)
+    assert not reused.trainable_weights
+    faces = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 1)).astype(np.float32)
+    np.testing.assert_allclose(reused.predict(faces, verbose=0), adapted.predict(faces, verbose=0), atol=1e-5)
+
+    # The shipped numbers are the artifact's own: evaluate reproduces the reported test accuracy.
+    report = tmp_path / "report"
+    assert main(["evaluate", out, aligned, str(report), "--log-level", "WARNING"]) == 0
+    scored = json.loads((report / "metrics.json").read_text())
+    assert scored["path"] == "faces" and scored["accuracy"] == pytest.approx(result.test_accuracy)
+
+    # A rerun of the same job finds the finished run and does nothing.
+    again = tune.run(settings, aligned, out)
+    assert again.starts == result.starts and again.seconds == result.seconds
