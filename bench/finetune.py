@@ -84,7 +84,7 @@ def train(args: argparse.Namespace) -> None:
     budget = [finetune.TimeBudget(args.time_budget_s)] if args.time_budget_s else []
     result = finetune.fit(model, (x_train, y_train), (x_val, y_val), recipe, callbacks=budget)
     probs = finetune.predict_tta(model, x_val)
-    result.update({"seconds": time.perf_counter() - started, "size": args.size, "recipe": recipe.__dict__,
+    result.update({"seconds": time.perf_counter() - started, "size": args.size, "recipe": recipe.model_dump(mode="json"),
                    "val_accuracy_tta": float((probs.argmax(1) == y_val).mean()), "train_rows": len(x_train)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
