@@ -452,8 +452,25 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first['msg']}{shown}{tail}"
 
 
+def _unknown_environment() -> str | None:
+    """A `FERRAY_…` variable that names no settings section: a typo that would otherwise change nothing.
+
+    Unknown fields of a known section are refused by the section itself (`extra="forbid"`).
+    """
+    for name in os.environ:
+        if name.upper().startswith("FERRAY_"):
+            section = name[len("FERRAY_") :].split("__", 1)[0].lower()
+            if section not in Settings.model_fields:
+                return name
+    return None
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings tree once, on the driver; raise ConfigError with one clear line."""
+    unknown = _unknown_environment()
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown}: no section {unknown[7:].split('__')[0].lower()!r} "
+                          f"(FERRAY_<SECTION>__<FIELD>, sections: {', '.join(Settings.model_fields)})")
     path: Path | None = None
     if config is not None:
         path = Path(config)
