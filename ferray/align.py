@@ -76,6 +76,7 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     """Align every ok row of the ingested shards under SOURCE into OUT."""
     storage = settings.storage.resolved()
     io.check_reachable(source, storage, must_exist=True)
+    io.check_reachable(out, storage, must_exist=False)
     summary = run_stage(spec(settings, storage), source, out, storage, settings.ray)
     # An empty input (an empty SOURCE upstream) has no faces to show, and OUT no shards to list.
     sheet = contact_sheet(out, storage) if summary.by_status.get("ok") else None

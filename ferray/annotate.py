@@ -65,6 +65,7 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
     if not io.exists(model_uri, storage) or not io.exists(meta_uri, storage):
         raise artifact.ModelError(f"no model at {model}: need {artifact.MODEL_FILE} and {artifact.META_FILE}")
     meta = io.read_json(meta_uri, storage)
+    artifact.check_labels(model, meta)  # here, on the driver: not as a failed actor once Ray has started
     version = artifact.Artifact(uri=folder, model=None, meta=meta).version
     return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")))
 

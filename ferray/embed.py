@@ -122,6 +122,7 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     """Embed every ok aligned face under SOURCE into OUT; finished shards of the same backbone are reused."""
     storage = settings.storage.resolved()
     io.check_reachable(source, storage, must_exist=True)
+    io.check_reachable(out, storage, must_exist=False)
     summary = run_stage(spec(settings, storage), source, out, storage, settings.ray)
     io.write_json(io.join(out, io.META, "embed.json"), {"summary": summary.to_dict(), "settings": settings.public_dict()}, storage)
     return summary

@@ -103,10 +103,14 @@ class Artifact:
         return np.concatenate(parts) if parts else np.zeros((0, len(LABELS)), np.float32)
 
 
+def check_labels(uri: str, meta: dict[str, Any]) -> None:
+    """Refuse a model whose `ferray.json` does not name ferray's 7 labels in their order."""
+    if meta.get("labels") != list(LABELS):
+        raise ModelError(f"model {uri} predicts {meta.get('labels')}, ferray's labels are {list(LABELS)}")
+
+
 def load(uri: str, storage: StorageSettings) -> Artifact:
     """Load MODEL (folder, `s3://`, registry, or `default`) in Keras safe mode; check its labels."""
-    import keras
-
     from ferray.registry import RegistryError, resolve
 
     try:
@@ -120,9 +124,11 @@ def load(uri: str, storage: StorageSettings) -> Artifact:
         hint = " (no default model is shipped in this install)" if uri == DEFAULT else ""
         raise ModelError(f"no model at {uri}: need {MODEL_FILE} and {META_FILE}{hint}")
     meta = io.read_json(meta_uri, storage)
-    if meta.get("labels") != list(LABELS):
-        raise ModelError(f"model {uri} predicts {meta.get('labels')}, ferray's labels are {list(LABELS)}")
+    check_labels(uri, meta)
     local = io.fetch_cached(model_uri, storage)
+    # Keras (and TensorFlow's start-up chatter) only after the checks: a wrong MODEL fails in one line.
+    import keras
+
     try:
         model = keras.saving.load_model(local, compile=False, safe_mode=True)
     except (ValueError, TypeError, OSError) as error:

@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ferray import io
-from ferray.backbone import BACKBONE_LAYER
 from ferray.config import StorageSettings
 from ferray.embed import decode_faces
 from ferray.head import HEAD_NAME
@@ -208,6 +207,8 @@ def raw_probabilities(artifact: Artifact, rows: Rows, batch_size: int) -> tuple[
                         "set evaluate.reuse_embeddings=false to score the faces with it")
         flip = False
     else:
+        from ferray.backbone import BACKBONE_LAYER  # imports TensorFlow: only once there is a model to run
+
         backbone = artifact.model.get_layer(BACKBONE_LAYER)
         size, _, channels = backbone.input_shape[1:]
         faces = _decodable_faces(rows, int(size), int(channels))
