@@ -19,13 +19,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from ferray import io, pipeline
-from ferray.config import ConfigError, DataSource, Settings
+from ferray.config import ConfigError, DataSource, Settings, StorageSettings
 from ferray.registry import Registry
 
 log = logging.getLogger(__name__)
 
 REGISTRY_DIR = "registry"
 SUMMARY_FILE = "retrain.json"
+CANDIDATE_DIR = "candidate"
+# What a registry version holds: the artifact, and the training run's metrics and history for the
+# record. Not the rest of the training folder: its `_checkpoints/` keeps every earlier run's, and
+# would be copied into every version.
+PUBLISHED_FILES = ("model.keras", "ferray.json", "metrics.json", "history.json")
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,19 @@ def plan(settings: Settings) -> tuple[Settings, DataSource]:
     return chosen, holdout
 
 
+def stage_candidate(model_out: str, workdir: str, storage: StorageSettings) -> str:
+    """Copy the artifact files of MODEL_OUT into `<workdir>/candidate/`, the folder the registry publishes."""
+    folder = io.join(workdir, CANDIDATE_DIR)
+    for name in PUBLISHED_FILES:
+        source, target = io.join(model_out, name), io.join(folder, name)
+        if io.exists(source, storage):
+            io.write_bytes_atomic(target, io.read_bytes(source, storage), storage)
+        elif io.exists(target, storage):  # an earlier run's file must not pass as this run's
+            fs, path = io.url_to_fs(target, storage)
+            fs.rm(path)
+    return folder
+
+
 def holdout_fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
     """sha256 over the sorted (id, label) pairs: a relabelled or extended holdout is another holdout."""
     lines = sorted(f"{i}\t{int(label)}" for i, label in zip(ids, labels))
@@ -168,7 +186,7 @@ def run(settings: Settings) -> RetrainSummary:
     target = row["reports"][holdout.label]
     log.info("retrain: pipeline done in %.1f s; candidate %s (val accuracy %s)", ran.seconds, row["model"],
              row["val_accuracy"])
-    version = registry.publish(row["model"])
+    version = registry.publish(stage_candidate(row["model"], chosen.pipeline.workdir, storage))
     candidate = score(chosen, registry.version_uri(version), version, target["data"], options.holdout_split)
     pointer = registry.current()
     current = None

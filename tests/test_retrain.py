@@ -106,6 +106,8 @@ def test_retrain_promotes_first_then_rejects_shuffled_labels(tmp_path: Path, s3_
 
     assert registry.current()["version"] == first.version, "a rejected candidate must not move current"
     assert registry.versions() == sorted([first.version, summary["version"]]), "every candidate is published"
+    for version in registry.versions():  # the artifact and its training record, never the checkpoints
+        assert set(registry.published(version)["files"]) == set(retrain.PUBLISHED_FILES)
     decisions = registry.history()
     assert [d["promote"] for d in decisions] == [True, False]
     rejected = decisions[-1]
