@@ -146,7 +146,8 @@ def score(settings: Settings, model_uri: str, version: str, data: str, split: st
     fingerprint = artifact.meta.get("backbone", {}).get("fingerprint")
     rows = scoring.select(data, storage, fingerprint, split, options.reuse_embeddings)
     if len(rows) == 0:
-        raise ValueError(f"the holdout {data} has no labelled {split} rows (skipped {dict(rows.skipped)})")
+        raise ValueError(f"the holdout {data} has no labelled {split} rows (skipped {dict(rows.skipped)}); "
+                         "a dataset without splits needs retrain.holdout_split: all")
     raw, _, _ = scoring.raw_probabilities(artifact, rows, options.batch_size)
     probs = apply_temperature(raw, float(artifact.meta.get("inference", {}).get("temperature", 1.0)))
     metrics = classification_metrics(rows.labels, probs, options.ece_bins)
