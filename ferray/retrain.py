@@ -170,36 +170,29 @@ def decide(metric: str, tolerance: float, candidate: Score, current: Score | Non
                           f"- tolerance {100 * tolerance:.2f} pts")
 
 
-def run(settings: Settings) -> RetrainSummary:
-    """Rerun the pipeline, publish the candidate, score it and `current` on the holdout, promote or reject."""
-    started = time.perf_counter()
-    chosen, holdout = plan(settings)
-    trained_on = chosen.pipeline.train
-    assert trained_on is not None  # plan() refuses a pipeline without one
-    options = chosen.retrain
-    storage = chosen.storage.resolved()
-    registry = Registry(registry_uri(chosen), storage)
-    # Hours of work must not end at an unreachable registry.
-    io.check_reachable(registry.uri, storage, must_exist=False)
-
-    ran = pipeline.run(chosen)
-    (row,) = ran.rows
-    target = row["reports"][holdout.label]
-    log.info("retrain: pipeline done in %.1f s; candidate %s (val accuracy %s)", ran.seconds, row["model"],
-             row["val_accuracy"])
-    version = registry.publish(stage_candidate(row["model"], chosen.pipeline.workdir, storage))
-    candidate = score(chosen, registry.version_uri(version), version, target["data"], options.holdout_split)
+def score_both(settings: Settings, registry: Registry, version: str, data: str) -> tuple[Score, Score | None]:
+    """The candidate's and `current`'s scores on the same holdout rows (None: no current yet)."""
+    split = settings.retrain.holdout_split
+    candidate = score(settings, registry.version_uri(version), version, data, split)
     pointer = registry.current()
-    current = None
-    if pointer is not None:
-        current = score(chosen, registry.version_uri(pointer["version"]), pointer["version"], target["data"],
-                        options.holdout_split)
-        if current.holdout != candidate.holdout:  # a face one path could not decode and the other could
-            raise ValueError(f"the candidate and current {current.version} were scored on different holdout rows")
+    if pointer is None:
+        return candidate, None
+    current = score(settings, registry.version_uri(pointer["version"]), pointer["version"], data, split)
+    if current.holdout != candidate.holdout:  # a face one path could not decode and the other could
+        raise ValueError(f"the candidate and current {current.version} were scored on different holdout rows")
+    stored = (pointer.get("metrics") or {}).get("holdout", {}).get("fingerprint")
+    if stored != candidate.holdout:
+        log.info("retrain: the holdout is not the one %s was promoted on (%s); its stored score is not comparable, "
+                 "the re-score is", current.version, "new rows or labels" if stored else "none recorded")
+    return candidate, current
+
+
+def decision_record(settings: Settings, candidate: Score, current: Score | None, held: dict[str, Any],
+                    row: dict[str, Any]) -> dict[str, Any]:
+    """What `Registry.promote` stores: the verdict, both scores, the holdout and the training run."""
+    options, trained_on = settings.retrain, settings.pipeline.train
     promote, reason = decide(options.metric, options.tolerance, candidate, current)
-    held = {"dataset": holdout.label, "source": holdout.source, "data": target["data"],
-            "split": options.holdout_split, "rows": candidate.rows, "fingerprint": candidate.holdout}
-    decision = {
+    return {
         "promote": promote,
         "reason": reason,
         "metric": options.metric,
@@ -211,16 +204,36 @@ def run(settings: Settings) -> RetrainSummary:
         # What the registry's current.json carries once this version is promoted.
         "metrics": {"accuracy": candidate.accuracy, "macro_f1": candidate.macro_f1, "holdout": held},
         "holdout": held,
-        "stored_current_metrics": pointer.get("metrics") if pointer else None,
-        "training": {"workdir": chosen.pipeline.workdir, "model": row["model"], "val_accuracy": row["val_accuracy"],
-                     "train_seconds": row["train_seconds"], "dataset": trained_on.label, "source": trained_on.source},
+        "training": {"workdir": settings.pipeline.workdir, "model": row["model"], "val_accuracy": row["val_accuracy"],
+                     "train_seconds": row["train_seconds"], "dataset": trained_on.label if trained_on else None,
+                     "source": trained_on.source if trained_on else None},
     }
-    record = registry.promote(version, decision)
+
+
+def run(settings: Settings) -> RetrainSummary:
+    """Rerun the pipeline, publish the candidate, score it and `current` on the holdout, promote or reject."""
+    started = time.perf_counter()
+    chosen, holdout = plan(settings)
+    storage = chosen.storage.resolved()
+    registry = Registry(registry_uri(chosen), storage)
+    # Hours of work must not end at an unreachable registry.
+    io.check_reachable(registry.uri, storage, must_exist=False)
+
+    ran = pipeline.run(chosen)
+    (row,) = ran.rows
+    target = row["reports"][holdout.label]
+    log.info("retrain: pipeline done in %.1f s; candidate %s (val accuracy %s)", ran.seconds, row["model"],
+             row["val_accuracy"])
+    version = registry.publish(stage_candidate(row["model"], chosen.pipeline.workdir, storage))
+    candidate, current = score_both(chosen, registry, version, target["data"])
+    held = {"dataset": holdout.label, "source": holdout.source, "data": target["data"],
+            "split": chosen.retrain.holdout_split, "rows": candidate.rows, "fingerprint": candidate.holdout}
+    record = registry.promote(version, decision_record(chosen, candidate, current, held, row))
     summary = RetrainSummary(
-        workdir=chosen.pipeline.workdir, registry=registry.uri, version=version, promoted=promote, reason=reason,
-        metric=options.metric, tolerance=options.tolerance, candidate=asdict(candidate),
-        current=asdict(current) if current else None, holdout=held, decision=record, pipeline=ran.to_dict(),
-        seconds=round(time.perf_counter() - started, 2))
+        workdir=chosen.pipeline.workdir, registry=registry.uri, version=version, promoted=record["promote"],
+        reason=record["reason"], metric=chosen.retrain.metric, tolerance=chosen.retrain.tolerance,
+        candidate=asdict(candidate), current=asdict(current) if current else None, holdout=held, decision=record,
+        pipeline=ran.to_dict(), seconds=round(time.perf_counter() - started, 2))
     io.write_json(io.join(chosen.pipeline.workdir, SUMMARY_FILE), summary.to_dict(), storage)
     log.info("retrain: %s (%.1f s)", summary.line(), summary.seconds)
     return summary
