@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 from ferray import __version__
 from ferray.config import ConfigError, Settings, load_settings
 from ferray.io import StorageError
+from ferray.logs import redact, secrets_of
 from ferray.schema import LABELS
 
 log = logging.getLogger("ferray")
@@ -269,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ferray: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    redact(secrets_of(settings.storage.resolved()))  # before any library can log a request with them
     try:
         summary = handler(settings, args)
     except ConfigError as error:

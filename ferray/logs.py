@@ -1,0 +1,48 @@
+"""Log records never carry a credential: the settings' secrets are masked in every message of the process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from ferray.config import StorageSettings
+
+MASK = "**********"
+# Shorter values would mask ordinary words; real keys and tokens are 16 characters and more.
+MIN_SECRET = 8
+
+
+def secrets_of(storage: StorageSettings) -> set[str]:
+    """The credential values of a (resolved) storage section."""
+    fields = (storage.access_key_id, storage.secret_access_key, storage.session_token)
+    return {value.get_secret_value() for value in fields if value is not None and len(value.get_secret_value()) >= MIN_SECRET}
+
+
+def redact(secrets: set[str]) -> None:
+    """Mask `secrets` in every log record made from now on, whichever library logs and wherever it goes.
+
+    Masking at record creation (not in one handler) also covers handlers added later and other
+    libraries' loggers: botocore, at DEBUG, logs request headers, session token included.
+    """
+    current = logging.getLogRecordFactory()
+    known: set[str] | None = getattr(current, "ferray_secrets", None)
+    if known is not None:  # installed already: one more set of values to mask
+        known.update(secrets)
+        return
+    masked = set(secrets)
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it when the record is emitted
+            return record
+        if any(secret in message for secret in masked):
+            for secret in masked:
+                message = message.replace(secret, MASK)
+            record.msg, record.args = message, ()
+        return record
+
+    installed: Callable[..., logging.LogRecord] = factory
+    installed.ferray_secrets = masked  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(installed)
