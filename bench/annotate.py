@@ -184,6 +184,16 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds the process has used."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _memory(pid: int) -> tuple[int, int]:
     """(RSS, PSS) in bytes; PSS shares pages (the object store's, TensorFlow's) between their users."""
     try:
@@ -196,15 +206,23 @@ def _memory(pid: int) -> tuple[int, int]:
 
 class RaySampler(threading.Thread):
     """Peak of the summed RSS and PSS of this driver's descendants: the local Ray it started (raylet,
-    GCS, agents, workers and actors); other Rays on the machine are not counted."""
+    GCS, agents, workers and actors), or the `fer` subprocess and its pool; other Rays on the machine
+    are not counted. Also the CPU seconds they and this driver used while it ran (start-up included,
+    its own sampling excluded): a cost that other load on the machine hardly changes, unlike wall time."""
 
     def __init__(self, period: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.period, self.stop_event = period, threading.Event()
         self.peak_rss = self.peak_pss = 0
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.started = time.process_time()
+        self.own = 0.0
+        self.sweeps = 0
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            begun = time.thread_time()
             tree = _children()
             seen, stack, rss, pss = set(), list(tree.get(os.getpid(), [])), 0, 0
             while stack:
@@ -214,13 +232,20 @@ class RaySampler(threading.Thread):
                 seen.add(pid)
                 r, p = _memory(pid)
                 rss, pss = rss + r, pss + p
+                used = _cpu(pid)
+                # A process already there at the first sample counts from then; a later one from 0.
+                self.first.setdefault(pid, used if self.sweeps == 0 else 0.0)
+                self.last[pid] = used
                 stack += tree.get(pid, [])
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.own += time.thread_time() - begun
+            self.sweeps += 1
             self.stop_event.wait(self.period)
 
     def stop(self) -> None:
         self.stop_event.set()
         self.join()
+        self.cpu = sum(self.last[p] - self.first[p] for p in self.last) + time.process_time() - self.started - self.own
 
 
 # --------------------------------------------------------------------------- runs
@@ -239,7 +264,7 @@ def ferray_run(settings: Settings, model: Path, source: Path, out: Path) -> dict
     wall = time.perf_counter() - started
     sampler.stop()
     ray.shutdown()
-    return {"summary": summary, "wall": wall, "rss": sampler.peak_rss, "pss": sampler.peak_pss}
+    return {"summary": summary, "wall": wall, "rss": sampler.peak_rss, "pss": sampler.peak_pss, "cpu": sampler.cpu}
 
 
 def ferray_accuracy(out: Path, truth: dict[str, str], source: Path) -> tuple[float, float]:
@@ -301,14 +326,18 @@ def fer_run(site: str, archive: Path, truth: dict[str, str], processes: int) -> 
     headless one (spawned pool workers inherit that path).
     """
     env = {**os.environ, "PYTHONPATH": site, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    sampler = RaySampler()
+    sampler.start()
     done = subprocess.run([sys.executable, __file__, "--fer-worker", str(archive), "--fer-processes", str(processes)],
                           env=env, capture_output=True, text=True, check=True)
+    sampler.stop()
     result = json.loads(done.stdout.strip().splitlines()[-1])
     labels = result["labels"]
     found = sum(labels.get(m) is not None for m in truth)
     correct = sum(labels.get(m) == label for m, label in truth.items())
     wall = result["wall"]
-    return {"wall": wall, "rate": len(truth) / wall, "found": found / len(truth), "accuracy": correct / len(truth)}
+    return {"wall": wall, "rate": len(truth) / wall, "found": found / len(truth), "accuracy": correct / len(truth),
+            "cpu": sampler.cpu}
 
 
 def fer_cpu(site: str, archive: Path) -> float:
@@ -421,7 +450,7 @@ def main() -> None:
             amount = args.images * scale if kind == "images" else summary.extra["video_seconds"]
             unit = "images/s" if kind == "images" else "video-s/s"
             print(f"ferray {kind} ×{scale}: {summary.rows} rows, {summary.shards_written} shards, wall {result['wall']:.1f} s "
-                  f"= {amount / result['wall']:.1f} {unit}; faces {summary.extra['faces']}, "
+                  f"= {amount / result['wall']:.1f} {unit}, CPU {result['cpu']:.1f} s; faces {summary.extra['faces']}, "
                   f"no-face rate {summary.extra['no_face_rate']:.3f}; peak Ray RSS {_mib(result['rss'])}, PSS {_mib(result['pss'])}")
         found, accuracy = ferray_accuracy(work / f"out-images-{scale}", truth, images)
         print(f"ferray ×{scale} on the labelled images: face found {found:.1%}, largest-face accuracy {accuracy:.1%}")
@@ -443,9 +472,14 @@ def main() -> None:
         fer = fer_run(site, work / f"images-{scale}.zip", truths[scale], processes=args.fer_processes)
         rate = count / results[("images", scale)]["wall"]
         print(f"fer (Haar + its CNN, {args.fer_processes} processes) ×{scale}: {count} images, wall {fer['wall']:.1f} s = "
-              f"{fer['rate']:.1f} images/s; face found {fer['found']:.1%}, largest-face accuracy {fer['accuracy']:.1%}")
+              f"{fer['rate']:.1f} images/s, CPU {fer['cpu']:.1f} s; face found {fer['found']:.1%}, "
+              f"largest-face accuracy {fer['accuracy']:.1%}")
         print(f"ferray / fer images/s ×{scale}: {rate / fer['rate']:.2f}x (ferray {rate:.1f}; both walls include "
               f"starting their workers)")
+        ferray_cpu_s = results[("images", scale)]["cpu"]
+        print(f"ferray / fer images per CPU-second ×{scale}, every process and start-up included: "
+              f"{fer['cpu'] / ferray_cpu_s:.2f}x (ferray {count / ferray_cpu_s:.1f}, fer {count / fer['cpu']:.1f}; "
+              "= the images/s ratio on an otherwise idle machine when both keep their CPUs busy)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import pickle
 import time
 from collections import Counter, defaultdict
@@ -82,6 +83,8 @@ def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -
         "faces": faces.model_dump(mode="json"),
         "sampling": {k: getattr(settings, k) for k in ("fps", "every_nth", "segment_seconds", "max_faces")},
     }
+    if settings.upsample == "auto" and faces.upsample > 0:  # runs before this setting keep their key
+        knobs["detect"] = {"upsample": "auto", "upsample_below": settings.upsample_below}
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -116,6 +119,9 @@ class FaceFinder:
         self.detector = load_detector(job.faces, fetch)
         self.predictor = load_predictor(job.faces, fetch)
         self.tree = io.Tree(job.source, job.storage)
+        # `auto`: a first pass without upsampling; faces.upsample only where it found nothing in a small image.
+        self.retry_below = job.settings.upsample_below if job.settings.upsample == "auto" and job.faces.upsample > 0 else None
+        self.first = job.faces.model_copy(update={"upsample": 0}) if self.retry_below is not None else job.faces
 
     def find(self, units: list[Unit]) -> tuple[pa.Table, dict[str, float]]:
         """Draft rows (with raw chips) of the units, in unit, frame and face order."""
@@ -189,7 +195,9 @@ class FaceFinder:
         small = too_small(image)
         if small:
             return [{**where, "id": row_id(path, frame, None), "status": TOO_SMALL, "error": small}]
-        result = align_image(image, self.detector, self.predictor, self.faces, self.settings.max_faces)
+        result = align_image(image, self.detector, self.predictor, self.first, self.settings.max_faces)
+        if not result.faces and self.retry_below is not None and min(image.shape[:2]) < self.retry_below:
+            result = align_image(image, self.detector, self.predictor, self.faces, self.settings.max_faces)
         if not result.faces:
             return [{**where, "id": row_id(path, frame, None), "faces_found": 0, "status": NO_FACE, "error": "no face detected"}]
         return [
@@ -335,43 +343,67 @@ class LabelWorker:
 
 
 def _pools(settings: AnnotateSettings) -> str:
-    if settings.pools != "auto":
-        return settings.pools
-    return "split" if settings.num_gpus > 0 else "fused"
+    return "split" if settings.pools == "auto" else settings.pools
 
 
-def execute(job: Job, shards: list[list[Unit]], ray_settings: Any) -> Iterator[dict[str, Any]]:
-    """Run the shards on one Ray Data graph; yields each shard's stats as it is written."""
+@dataclass(frozen=True)
+class Actors:
+    """How many actors of each kind a run starts (`fused`: `detect` actors that also classify)."""
+
+    pools: str
+    detect: int
+    label: int
+    label_cpus: float
+
+
+def plan_actors(settings: AnnotateSettings, cpus: int, gpus: float) -> Actors:
+    """Actor counts for the cluster: detection on every CPU; classification on GPUs, or on one actor
+    per `label_every` CPUs that holds no CPU (a tenth of the work, TensorFlow loaded once)."""
+    if settings.num_gpus and gpus < settings.num_gpus:
+        raise ValueError(f"annotate.num_gpus={settings.num_gpus} but the cluster has {gpus:g} GPUs")
+    pools = _pools(settings)
+    if pools == "fused":
+        size = max(1, int(cpus // settings.num_cpus))
+        if settings.num_gpus:
+            size = min(size, max(1, int(gpus // settings.num_gpus)))
+        return Actors(pools, size, 0, settings.num_cpus)
+    if settings.num_gpus:
+        labellers = max(1, int(gpus // settings.num_gpus))
+        return Actors(pools, max(1, int(cpus - labellers * settings.num_cpus)), labellers, settings.num_cpus)
+    return Actors(pools, cpus, max(1, math.ceil(cpus / settings.label_every)), 0.0)
+
+
+def execute(job: Job, units: list[Unit], listed: int, ray_settings: Any) -> Iterator[dict[str, Any]]:
+    """Pack the units (of a SOURCE listing `listed` files) into shards and run them on one Ray Data
+    graph; yields each shard's stats as it is written."""
     import ray
 
     from ferray.runtime import cluster_cpus, ensure_ray
 
     ensure_ray(ray_settings)
     settings = job.settings
+    actors = plan_actors(settings, cluster_cpus(), float(ray.cluster_resources().get("GPU", 0)))
+    shards = media.pack(units, media.for_actors(listed, settings, actors.detect))
     items = []
-    for units in shards:
-        name, fingerprint = media.shard_identity(job.run_key, units)
-        items.append({"shard": name, "fingerprint": fingerprint, "units": pickle.dumps(units)})
-    cpus = cluster_cpus()
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    if settings.num_gpus and gpus < settings.num_gpus:
-        raise ValueError(f"annotate.num_gpus={settings.num_gpus} but the cluster has {gpus:g} GPUs")
-    labellers = max(1, int(gpus // settings.num_gpus)) if settings.num_gpus else 1
+    for shard in shards:
+        name, fingerprint = media.shard_identity(job.run_key, shard)
+        items.append({"shard": name, "fingerprint": fingerprint, "units": pickle.dumps(shard)})
+    detect, label = min(len(items), actors.detect), min(len(items), actors.label)
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     common = {"fn_constructor_kwargs": {"job": job}, "batch_size": 1}
-    if _pools(settings) == "fused":
-        size = min(len(items), max(1, int(cpus // settings.num_cpus)), labellers if settings.num_gpus else len(items))
-        log.info("annotate: %d shards on %d fused actors", len(items), size)
-        dataset = dataset.map_batches(AnnotateWorker, compute=ray.data.ActorPoolStrategy(size=size),
+    # Two shards queued per actor: the next is at hand when one ends, and no actor holds a backlog
+    # while another has run dry.
+    pool = functools.partial(ray.data.ActorPoolStrategy, max_tasks_in_flight_per_actor=2)
+    if actors.pools == "fused":
+        log.info("annotate: %d units in %d shards on %d fused actors", len(units), len(items), detect)
+        dataset = dataset.map_batches(AnnotateWorker, compute=pool(size=detect),
                                       num_cpus=settings.num_cpus, num_gpus=settings.num_gpus or None, **common)
     else:
-        labellers = min(labellers, len(items))
-        detectors = min(len(items), max(1, int(cpus - labellers * settings.num_cpus)))
-        log.info("annotate: %d shards on %d detect actors and %d classify actors", len(items), detectors, labellers)
-        dataset = dataset.map_batches(DetectWorker, compute=ray.data.ActorPoolStrategy(size=detectors), num_cpus=1,
-                                      **common)
-        dataset = dataset.map_batches(LabelWorker, compute=ray.data.ActorPoolStrategy(size=labellers),
-                                      num_cpus=settings.num_cpus, num_gpus=settings.num_gpus or None, **common)
+        log.info("annotate: %d units in %d shards on %d detect actors and %d classify actors",
+                 len(units), len(items), detect, label)
+        dataset = dataset.map_batches(DetectWorker, compute=pool(size=detect), num_cpus=1, **common)
+        dataset = dataset.map_batches(LabelWorker, compute=pool(size=label), num_cpus=actors.label_cpus,
+                                      num_gpus=settings.num_gpus or None, **common)
     for done, row in enumerate(dataset.iter_rows(), start=1):
         stats = json.loads(row["stats"])
         log.info("annotate: shard %s written (%d/%d): %d rows", stats["shard"], done, len(items), stats["rows"])
@@ -518,17 +550,16 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
         ledger = Ledger(media.read_ledger(out, storage, threads), job.run_key)
     units = plan_units(tree, files, ledger, settings.annotate)
     tree.close()
-    shards = media.pack(units, settings.annotate)
 
     summary = Summary(stage="annotate", source=source, out=out)
     for record in ledger.current:
         summary.add(record.stats)
     summary.shards_skipped = len(ledger.current)
-    log.info("annotate: %d files, %d units to do in %d shards, %d shards already done (model %s)",
-             len(files), len(units), len(shards), summary.shards_skipped, ref.version)
+    log.info("annotate: %d files, %d units to do, %d shards already done (model %s)",
+             len(files), len(units), summary.shards_skipped, ref.version)
     written: list[ShardRecord] = []
-    if shards:
-        for stats in execute(job, shards, settings.ray):
+    if units:
+        for stats in execute(job, units, len(files), settings.ray):
             summary.add(stats)
             written.append(ShardRecord(stats["shard"], job.run_key, tuple(tuple(u) for u in stats["units"]), stats))  # type: ignore[misc]
         summary.shards_written = len(written)

@@ -201,15 +201,28 @@ class AnnotateSettings(Section):
     segment_seconds: float = Field(default=60.0, gt=0, le=86400)
     # A shard (one output file) holds at most this many units (an image or a video segment) and
     # about this many frames (an image counts one, a segment its sampled frames). A shard is one
-    # actor's task: a few seconds of work at most, so that a thousand files keep a node busy.
+    # actor's task: a few seconds of work at most, so that a thousand files keep a node busy. A
+    # small SOURCE is cut finer, into about `shards_per_actor` shards per detect actor, so that every
+    # CPU works until the end.
     shard_units: int = Field(default=128, ge=1, le=100_000)
+    shards_per_actor: int = Field(default=4, ge=1, le=1000)
     shard_frames: int = Field(default=256, ge=1, le=1_000_000)
     # Faces classified per image or frame, largest first; None keeps every face found.
     max_faces: int | None = Field(default=None, ge=1)
+    # Detection upsampling. Dlib's HOG sees faces from about 80 px; each faces.upsample step halves
+    # that and costs about 4× the detection time. `auto`: detect without upsampling, and again at
+    # faces.upsample only in an image or frame where no face was found and whose shorter side is
+    # under `upsample_below` px (face crops, thumbnails: where every face is small). A face under
+    # ~80 px in a larger picture is then not found. `faces`: every image and frame at faces.upsample.
+    upsample: Literal["auto", "faces"] = "auto"
+    upsample_below: int = Field(default=160, ge=0, le=100_000)
     predict_batch: int = Field(default=256, ge=1, le=65536)
-    # Per actor. `pools`: `fused` detects and classifies in one actor per CPU; `split` detects on CPU
-    # actors and classifies on their own (GPU) actors; `auto` splits when num_gpus > 0, so the GPU
-    # is not held idle while Dlib detects.
+    # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
+    # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:
+    # with num_gpus > 0 one per GPU share, else one per `label_every` CPUs holding no CPU of its own
+    # (classifying costs ~1 ms a face, a tenth of detecting it), so TensorFlow starts once, not on
+    # every CPU. `auto` = `split`.
+    label_every: int = Field(default=8, ge=1, le=1024)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
     pools: Literal["auto", "fused", "split"] = "auto"

@@ -200,6 +200,20 @@ def pack(units: list[Unit], settings: AnnotateSettings) -> list[list[Unit]]:
     return shards
 
 
+def for_actors(listed: int, settings: AnnotateSettings, actors: int) -> AnnotateSettings:
+    """Shard limits that give each of `actors` about `shards_per_actor` shards of a small SOURCE.
+
+    A large SOURCE keeps shard_units and shard_frames; a small one (a few hundred images, a few
+    videos) would otherwise fill one or two shards and leave CPUs idle, or one CPU working alone at
+    the end. The limits follow the number of files SOURCE lists, not of units still to do, so a
+    rerun over the same listing cuts the same shards (`pack`).
+    """
+    want = max(1, actors * settings.shards_per_actor)
+    units = min(settings.shard_units, max(1, math.ceil(listed / want)))
+    frames = min(settings.shard_frames, max(1, math.ceil(settings.shard_frames * units / settings.shard_units)))
+    return settings.model_copy(update={"shard_units": units, "shard_frames": frames})
+
+
 def shard_identity(run_key: str, units: list[Unit]) -> tuple[str, str]:
     """(name, fingerprint) of a shard: a hash of the run key and its units."""
     digest = hashlib.sha256(run_key.encode())

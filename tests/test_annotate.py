@@ -18,6 +18,7 @@ from ferray import annotate, io
 from ferray.cli import EXIT_CANNOT_RUN, main
 from ferray.config import Settings, StorageSettings, load_settings
 from ferray.schema import ANNOTATION_SCHEMA, LABELS, VIDEO_SUMMARY_SCHEMA
+from test_faces import SAMPLES, load_face
 from test_video import Expected, build_media, zip_folder
 
 # Small shards and one-second segments, so that shards and video segments spread over both actors.
@@ -204,7 +205,8 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     for path in root.rglob("*"):
         if path.is_file():
             fs.pipe_file(f"{source[5:]}/{path.relative_to(root).as_posix()}", path.read_bytes())
-    summary = annotate.run(settings_for(), str(model_dir), source, out)
+    # Fused pools here (the default splits): the rows must not depend on the layout.
+    summary = annotate.run(settings_for(pools="fused"), str(model_dir), source, out)
     rows = all_rows(out, storage)
     check_run(rows, source, expected, model_dir, out, storage)
     assert summary.rows == rows.num_rows
@@ -213,14 +215,33 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     assert sorted(rows["id"].to_pylist()) == sorted(local["id"].to_pylist())
     assert dict(zip(rows["id"].to_pylist(), rows["label"].to_pylist())) == dict(
         zip(local["id"].to_pylist(), local["label"].to_pylist()))
-    assert annotate.run(settings_for(), str(model_dir), source, out).shards_written == 0
+    assert annotate.run(settings_for(pools="fused"), str(model_dir), source, out).shards_written == 0
+
+
+@pytest.mark.parametrize("policy", ["auto", "faces"])
+def test_upsampling_is_spent_on_small_images_only(policy: str, tmp_path: Path) -> None:
+    """`annotate.upsample=auto` upsamples (faces.upsample=1) only an image without a face found at 0
+    whose shorter side is under `upsample_below`: a bare 48 px FER face is found, the same face
+    1.5× larger (72 px, under HOG's 80 px window) on a 320×240 picture is not; `faces` finds both."""
+    settings = load_settings(annotate={"upsample": policy})
+    face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
+    big = cv2.resize(face, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_CUBIC)
+    picture = np.full((240, 320), 128, np.uint8)
+    picture[20 : 20 + big.shape[0], 20 : 20 + big.shape[1]] = big
+    model = annotate.ModelRef("unused", "v", 48, "gray")
+    faces = annotate.face_settings(settings.faces, model)
+    job = annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, model,
+                       annotate.run_key(model, faces, settings.annotate))
+    finder = annotate.FaceFinder(job)
+    found = [[row["status"] for row in finder._frame_rows(image, {}, "x", None, None)] for image in (face, picture)]
+    assert found == ([["ok"], ["align:no_face"]] if policy == "auto" else [["ok"], ["ok"]])
 
 
 def test_cli_on_a_zip_with_split_pools_and_copied_videos(
         folder_run: dict[str, Any], media_root: tuple[Path, Expected], model_dir: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """`ferray annotate` on a zip, detection and classification in separate actor pools (the GPU
-    layout, here on CPU) and videos copied out of the archive; settings from env and flags."""
+    """`ferray annotate` on a zip, detection and classification in separate actor pools (named,
+    though `auto` splits too) and videos copied out of the archive; settings from env and flags."""
     root, expected = media_root
     archive = zip_folder(root, tmp_path / "archive.zip")
     out = tmp_path / "out"
