@@ -14,8 +14,9 @@ MIN_SECRET = 8
 
 def secrets_of(storage: StorageSettings) -> set[str]:
     """The credential values of a (resolved) storage section."""
-    fields = (storage.access_key_id, storage.secret_access_key, storage.session_token)
-    return {value.get_secret_value() for value in fields if value is not None and len(value.get_secret_value()) >= MIN_SECRET}
+    values = (field.get_secret_value() for field in (storage.access_key_id, storage.secret_access_key,
+                                                     storage.session_token) if field is not None)
+    return {value for value in values if len(value) >= MIN_SECRET}
 
 
 def redact(secrets: set[str]) -> None:

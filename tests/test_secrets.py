@@ -95,3 +95,18 @@ def test_no_credential_in_outputs_logs_or_saved_settings(ray_session: None, s3_b
             found[str(path)] = leaks(handle.read())
     assert not {where: values for where, values in found.items() if values}
     assert len(caplog.records) > 100 and len(objects) > 20, "the search covered real logs and outputs"
+
+
+def test_log_records_mask_secret_values(caplog: pytest.LogCaptureFixture) -> None:
+    """Any logger, message or argument: the values are masked when the record is made."""
+    from ferray.config import StorageSettings
+    from ferray.logs import MASK, redact, secrets_of
+
+    storage = StorageSettings(access_key_id="AKIAUNITTESTKEY1", secret_access_key="unit-secret-3f9a", session_token="tiny")
+    assert secrets_of(storage) == {"AKIAUNITTESTKEY1", "unit-secret-3f9a"}, "too short to mask safely: left alone"
+    redact(secrets_of(storage))
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("botocore.endpoint").debug("headers=%s", {"X-Amz-Security-Token": "unit-secret-3f9a"})
+        logging.getLogger("elsewhere").warning("key AKIAUNITTESTKEY1 in the message itself")
+    assert "unit-secret-3f9a" not in caplog.text and "AKIAUNITTESTKEY1" not in caplog.text
+    assert caplog.text.count(MASK) == 2
