@@ -220,8 +220,8 @@ class AnnotateSettings(Section):
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
     # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:
     # with num_gpus > 0 one per GPU share, else one per `label_every` CPUs holding no CPU of its own
-    # (classifying costs ~1 ms a face, a tenth of detecting it), so TensorFlow starts once, not on
-    # every CPU. `auto` = `split`.
+    # (classifying costs ~1 ms a face, a tenth of detecting it; Ray may place it on a head started
+    # with num-cpus 0), so TensorFlow starts once, not on every CPU. `auto` = `split`.
     label_every: int = Field(default=8, ge=1, le=1024)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
