@@ -380,7 +380,8 @@ def run_name(data: TrainData, head_settings: HeadSettings, train: TrainSettings)
     return f"ferray-head-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _run_config(name: str, checkpoints: str, train: TrainSettings, storage: StorageSettings) -> Any:
+def _run_config(name: str, checkpoints: str, train: TrainSettings, storage: StorageSettings,
+                legacy_keras: bool = True) -> Any:
     import ray.train
 
     filesystem, path = _arrow_fs(checkpoints, storage)
@@ -392,7 +393,8 @@ def _run_config(name: str, checkpoints: str, train: TrainSettings, storage: Stor
         # Every checkpoint holds the best weights so far, so the latest two are all a resume needs.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         # tf.keras must mean tf_keras from the first import in a worker, not only after Ray's setup.
-        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        # (The fine-tune's workers run Keras 3: legacy_keras=False.)
+        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1" if legacy_keras else "0", "TF_CPP_MIN_LOG_LEVEL": "2"}},
     )
 
 

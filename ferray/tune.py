@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from ferray import io
 from ferray.config import BackboneSettings, FineTuneSettings, Settings, StorageSettings, TrainSettings
 from ferray.schema import FACE, LABELS, SPLITS, STATUS_OK
-from ferray.train import CHECKPOINTS, HISTORY_FILE, METRICS_FILE, EpochHook, TrainState, _arrow_fs, _report_interval
+from ferray.train import CHECKPOINTS, HISTORY_FILE, METRICS_FILE, EpochHook, TrainState, _report_interval, _run_config
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,7 @@ def _fit(faces: dict[str, Faces], settings: Settings, name: str, checkpoints: st
         "faces": ray.put({k: faces[k] for k in ("train", "val")}),
         "epoch_hook": epoch_hook,
     }
-    filesystem, path = _arrow_fs(checkpoints, storage)
-    run_config = ray.train.RunConfig(
-        name=name, storage_path=path, storage_filesystem=filesystem,
-        failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        # Keras 3 here (the head path's workers switch to tf_keras).
-        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}},
-    )
+    run_config = _run_config(name, checkpoints, train, storage, legacy_keras=False)
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1.0} if train.use_gpu else {})
     trainer = TensorflowTrainer(
         tune_worker, train_loop_config=config, run_config=run_config,
