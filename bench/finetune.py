@@ -14,13 +14,93 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import keras
 import numpy as np
 
+from ferray import finetune
+from ferray.config import FineTuneSettings
+from ferray.schema import LABELS
+
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+
+
+# -- the plain Keras loop this script runs where Ray Train is absent (a JAX GPU box) --------------
+# `ferray train --fine-tune` (ferray.tune) does the same inside a Ray Train worker, with checkpoints.
+
+
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops after the epoch that crosses a wall-clock budget (a lent GPU has minutes, not hours)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.started = 0.0
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        elapsed = time.perf_counter() - self.started
+        # Stop when one more epoch would cross the budget.
+        if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
+            log.warning("time budget %.0f s reached after epoch %d", self.seconds, epoch + 1)
+            self.model.stop_training = True
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the best validation accuracy (selection on val only)."""
+
+    def __init__(self, model: keras.Model) -> None:
+        super().__init__()
+        self.target, self.best, self.best_epoch, self.weights = model, -1.0, -1, None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        accuracy = float((logs or {}).get("val_accuracy", -1.0))
+        if accuracy > self.best:
+            self.best, self.best_epoch, self.weights = accuracy, epoch, self.target.get_weights()
+
+
+def fit(
+    model: keras.Model,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    recipe: FineTuneSettings,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    initial_epoch: int = 0,
+) -> dict[str, Any]:
+    """Train end to end; restores the best-on-val weights into `model` and returns the history."""
+    x_train, y_train = train
+    steps = math.ceil(len(x_train) / recipe.batch_size)
+    trainer = finetune.training_model(model, recipe, steps)
+    best = KeepBest(model)
+    history = trainer.fit(
+        x_train, keras.utils.to_categorical(y_train, len(LABELS)),
+        validation_data=(val[0], keras.utils.to_categorical(val[1], len(LABELS))),
+        batch_size=recipe.batch_size, epochs=recipe.epochs, initial_epoch=initial_epoch, shuffle=True,
+        callbacks=[best, *(callbacks or [])], verbose=2,
+    )
+    if best.weights is not None:
+        model.set_weights(best.weights)
+    return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+            "best_val_accuracy": best.best, "best_epoch": best.best_epoch + 1}
+
+
+def predict_tta(model: keras.Model, faces: np.ndarray, batch_size: int = 256, flip: bool = True) -> np.ndarray:
+    """Class probabilities, averaged with the horizontally flipped face when `flip` (test-time augmentation)."""
+    probs = model.predict(faces, batch_size=batch_size, verbose=0)
+    if flip:
+        probs = (probs + model.predict(faces[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2.0
+    return np.asarray(probs)
 
 
 def pack(args: argparse.Namespace) -> None:
@@ -54,7 +134,6 @@ def load_pack(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(size: int, weights: str, recipe) -> tuple[object, object]:
-    from ferray import finetune
     from ferray.backbone import build_backbone
     from ferray.config import BackboneSettings
 
@@ -66,13 +145,12 @@ def build(size: int, weights: str, recipe) -> tuple[object, object]:
 
 
 def train(args: argparse.Namespace) -> None:
-    from ferray import finetune
 
     if args.weights.endswith(".npz"):  # a float16 copy travels light; the model wants float32
         arrays = dict(np.load(args.weights))
         args.weights = str(Path(tempfile.mkdtemp()) / "init-weights.npz")
         np.savez(args.weights, **{k: v.astype(np.float32) for k, v in arrays.items()})
-    recipe = finetune.FineTuneRecipe(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+    recipe = FineTuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                                      unfreeze="all" if args.unfreeze == "all" else int(args.unfreeze),
                                      label_smoothing=args.label_smoothing, hidden=args.hidden, dropout=args.dropout)
     model, _ = build(args.size, args.weights, recipe)
@@ -81,9 +159,9 @@ def train(args: argparse.Namespace) -> None:
     if args.limit:
         x_train, y_train, x_val, y_val = x_train[: args.limit], y_train[: args.limit], x_val[: args.limit], y_val[: args.limit]
     started = time.perf_counter()
-    budget = [finetune.TimeBudget(args.time_budget_s)] if args.time_budget_s else []
-    result = finetune.fit(model, (x_train, y_train), (x_val, y_val), recipe, callbacks=budget)
-    probs = finetune.predict_tta(model, x_val)
+    budget = [TimeBudget(args.time_budget_s)] if args.time_budget_s else []
+    result = fit(model, (x_train, y_train), (x_val, y_val), recipe, callbacks=budget)
+    probs = predict_tta(model, x_val)
     result.update({"seconds": time.perf_counter() - started, "size": args.size, "recipe": recipe.model_dump(mode="json"),
                    "val_accuracy_tta": float((probs.argmax(1) == y_val).mean()), "train_rows": len(x_train)})
     out = Path(args.out)
@@ -97,13 +175,12 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     from sklearn.metrics import accuracy_score, f1_score
 
-    from ferray import finetune
     from ferray import io
     from ferray.config import StorageSettings
     import cv2
 
     history = json.loads((Path(args.out) / "history.json").read_text())
-    recipe = finetune.FineTuneRecipe(**{**history["recipe"], "unfreeze": history["recipe"]["unfreeze"]})
+    recipe = FineTuneSettings(**{**history["recipe"], "unfreeze": history["recipe"]["unfreeze"]})
     model, _ = build(history["size"], "none", recipe)
     stored = np.load(Path(args.out) / "weights.npz")
     model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
@@ -115,7 +192,7 @@ def evaluate(args: argparse.Namespace) -> None:
     y = np.array([l for _, l in rows])
     for flip in (False, True):
         started = time.perf_counter()
-        pred = finetune.predict_tta(model, x, flip=flip).argmax(1)
+        pred = predict_tta(model, x, flip=flip).argmax(1)
         rate = len(x) * (2 if flip else 1) / (time.perf_counter() - started)
         print(f"{args.split} ({len(y)} faces) flip_tta={flip}: accuracy {accuracy_score(y, pred):.4f}, "
               f"macro-F1 {f1_score(y, pred, average='macro'):.4f}; {rate:.0f} face-passes/s")

@@ -9,15 +9,12 @@ under JAX; the result is saved as an ordinary ferray model (backbone + head in o
 from __future__ import annotations
 
 import logging
-import math
-import time
-from typing import Any, Literal
+from typing import Literal
 
 import keras
 import numpy as np
 
 from ferray.config import FineTuneSettings
-from ferray.schema import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +22,7 @@ log = logging.getLogger(__name__)
 N_BLOCKS = 16
 
 
-# The recipe is `ferray.config.FineTuneSettings`; every field is recorded in the artifact's ferray.json.
-FineTuneRecipe = FineTuneSettings
-
-
-def augmentation(recipe: FineTuneRecipe) -> keras.Sequential:
+def augmentation(recipe: FineTuneSettings) -> keras.Sequential:
     """Train-time-only image augmentation on raw 0..255 faces."""
     layers: list[keras.layers.Layer] = []
     if recipe.flip:
@@ -75,7 +68,7 @@ def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return out
 
 
-def classifier(backbone: keras.Model, recipe: FineTuneRecipe) -> keras.Model:
+def classifier(backbone: keras.Model, recipe: FineTuneSettings) -> keras.Model:
     """Inference model: face → backbone → head → 7 probabilities, laid out as every ferray model is
     (layers `backbone` and `head`), so evaluate's t-SNE and reuse of the backbone work unchanged."""
     from ferray.head import build_head
@@ -85,7 +78,7 @@ def classifier(backbone: keras.Model, recipe: FineTuneRecipe) -> keras.Model:
     return keras.Model(inputs, head(backbone(inputs)), name="ferray")
 
 
-def warmup_cosine(recipe: FineTuneRecipe, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
+def warmup_cosine(recipe: FineTuneSettings, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
     total = max(1, recipe.epochs * steps_per_epoch)
     warmup = min(total - 1, recipe.warmup_epochs * steps_per_epoch)
     return keras.optimizers.schedules.CosineDecay(
@@ -94,7 +87,7 @@ def warmup_cosine(recipe: FineTuneRecipe, steps_per_epoch: int) -> keras.optimiz
     )
 
 
-def training_model(model: keras.Model, recipe: FineTuneRecipe, steps_per_epoch: int) -> keras.Model:
+def training_model(model: keras.Model, recipe: FineTuneSettings, steps_per_epoch: int) -> keras.Model:
     """The classifier behind the augmentation, compiled with AdamW, the schedule and label smoothing."""
     inputs = keras.Input(shape=model.input_shape[1:], name="face")
     augment = augmentation(recipe)
@@ -105,68 +98,3 @@ def training_model(model: keras.Model, recipe: FineTuneRecipe, steps_per_epoch: 
         metrics=["accuracy"],
     )
     return trainer
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stops after the epoch that crosses a wall-clock budget (a lent GPU has minutes, not hours)."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self.started = 0.0
-
-    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        elapsed = time.perf_counter() - self.started
-        # Stop when one more epoch would cross the budget.
-        if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
-            log.warning("time budget %.0f s reached after epoch %d", self.seconds, epoch + 1)
-            self.model.stop_training = True
-
-
-class KeepBest(keras.callbacks.Callback):
-    """Keeps the weights of the epoch with the best validation accuracy (selection on val only)."""
-
-    def __init__(self, model: keras.Model) -> None:
-        super().__init__()
-        self.target, self.best, self.best_epoch, self.weights = model, -1.0, -1, None
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        accuracy = float((logs or {}).get("val_accuracy", -1.0))
-        if accuracy > self.best:
-            self.best, self.best_epoch, self.weights = accuracy, epoch, self.target.get_weights()
-
-
-def fit(
-    model: keras.Model,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    recipe: FineTuneRecipe,
-    callbacks: list[keras.callbacks.Callback] | None = None,
-    initial_epoch: int = 0,
-) -> dict[str, Any]:
-    """Train end to end; restores the best-on-val weights into `model` and returns the history."""
-    x_train, y_train = train
-    steps = math.ceil(len(x_train) / recipe.batch_size)
-    trainer = training_model(model, recipe, steps)
-    best = KeepBest(model)
-    history = trainer.fit(
-        x_train, keras.utils.to_categorical(y_train, len(LABELS)),
-        validation_data=(val[0], keras.utils.to_categorical(val[1], len(LABELS))),
-        batch_size=recipe.batch_size, epochs=recipe.epochs, initial_epoch=initial_epoch, shuffle=True,
-        callbacks=[best, *(callbacks or [])], verbose=2,
-    )
-    if best.weights is not None:
-        model.set_weights(best.weights)
-    return {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-            "best_val_accuracy": best.best, "best_epoch": best.best_epoch + 1}
-
-
-def predict_tta(model: keras.Model, faces: np.ndarray, batch_size: int = 256, flip: bool = True) -> np.ndarray:
-    """Class probabilities, averaged with the horizontally flipped face when `flip` (test-time augmentation)."""
-    probs = model.predict(faces, batch_size=batch_size, verbose=0)
-    if flip:
-        probs = (probs + model.predict(faces[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2.0
-    return np.asarray(probs)
