@@ -47,3 +47,15 @@ def redact(secrets: set[str]) -> None:
     installed: Callable[..., logging.LogRecord] = factory
     installed.ferray_secrets = masked  # type: ignore[attr-defined]
     logging.setLogRecordFactory(installed)
+
+
+# Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, once a second
+# whether the controller lives; a local Ray started without a dashboard answers "unavailable" every
+# time, and the warning would make up most of a long training job's log.
+QUIET_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_ray_workers() -> None:
+    """Ray `worker_process_setup_hook` for the local Ray ferray starts (it has no dashboard)."""
+    for name in QUIET_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

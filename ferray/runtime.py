@@ -24,8 +24,10 @@ def ensure_ray(settings: RaySettings) -> None:
             include_dashboard=False,
             log_to_driver=True,
             logging_level=logging.WARNING,
-            # TensorFlow's C++ start-up chatter would otherwise flood every job log.
-            runtime_env=None if joining else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
+            # TensorFlow's C++ start-up chatter, and Ray's own monitors asking a dashboard this local
+            # Ray does not run, would otherwise flood every job log.
+            runtime_env=None if joining else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"},
+                                              "worker_process_setup_hook": "ferray.logs.quiet_ray_workers"},
         )
         log.info("ray: %s", ray.cluster_resources())
     context = ray.data.DataContext.get_current()

@@ -1,0 +1,39 @@
+"""The local Ray that ferray starts: what its workers print reaches the user, Ray's dashboard-less noise does not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from ferray.logs import QUIET_RAY_LOGGERS
+
+# A fresh driver (the test session's Ray was started without ferray's settings): ferray's local Ray,
+# one task that logs a warning as Ray Train's placement-group cleaner does, and one of the job's own.
+SCRIPT = textwrap.dedent(f"""
+    import logging, time
+    import ray
+    from ferray.config import RaySettings
+    from ferray.runtime import ensure_ray
+
+    ensure_ray(RaySettings(num_cpus=1))
+
+    @ray.remote
+    def speak() -> None:
+        logging.getLogger({QUIET_RAY_LOGGERS[0]!r}).warning("State API may be temporarily unavailable")
+        logging.getLogger("ferray.job").warning("the job's own warning")
+
+    ray.get(speak.remote())
+    time.sleep(2)  # worker output reaches the driver through Ray's log monitor
+    ray.shutdown()
+""")
+
+
+def test_local_ray_workers_keep_job_warnings_and_drop_dashboard_noise() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env={**os.environ, "RAY_ADDRESS": ""},
+                          capture_output=True, text=True, timeout=180)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "the job's own warning" in output, output[-3000:]
+    assert "State API may be temporarily unavailable" not in output, output[-3000:]
