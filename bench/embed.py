@@ -1,6 +1,6 @@
 """Embedding throughput: the Ray stage (`ferray embed`) versus plain `model.predict`, same faces, same run.
 
-Usage: .venv/bin/python bench/embed.py ALIGNED [--rows N] [--shard-rows 1024] [--cases lite0-48,b0-112]
+Usage: .venv/bin/python bench/embed.py ALIGNED [--rows N] [--shard-rows 1024] [--cases lite0-48,b0-112] [--keep DIR]
 ALIGNED is the output of `ferray align` (e.g. full FER-2013). For each backbone and size the bench
 re-shards the first ROWS faces (default: every face), times `model.predict` in this process (model
 already built), then times `ferray embed` on local Ray (all CPUs, one actor per CPU; wall time includes
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=0, help="faces to embed (0: all)")
     parser.add_argument("--shard-rows", type=int, default=1024)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--keep", help="keep each case's embedded shards in KEEP/<case> (for `ferray train`)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = load_settings(ray={"progress_bars": False})
@@ -77,6 +78,9 @@ def main() -> None:
         stage = summary.rows / (time.perf_counter() - started)
         print(f"{name} @ {size}px{note}: plain model.predict {plain:.0f} emb/s; ray stage {stage:.0f} emb/s "
               f"({summary.rows} faces, wall incl. actor start and model build); ratio {stage / plain:.2f}", flush=True)
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            shutil.move(out, Path(args.keep) / case)
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
 

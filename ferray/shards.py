@@ -116,14 +116,19 @@ class ShardWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = []
         for shard, source, fingerprint in zip(batch["shard"], batch["source"], batch["fingerprint"]):
+            started = time.perf_counter()
             table = io.read_parquet(str(source), self.storage)
+            read = time.perf_counter()
             parts = []
             for chunk in table.to_batches(max_chunksize=self.stage.BATCH_SIZE):
                 parts.append(from_batch(self.stage(to_batch(pa.Table.from_batches([chunk]))), self.spec.schema))
             output = pa.concat_tables(parts) if parts else self.spec.schema.empty_table()
             extra = self.spec.extra_stats(output) if self.spec.extra_stats else None
             stats = shard_stats(str(shard), output, extra)
+            computed = time.perf_counter()
             self.sink.write(str(shard), output, str(fingerprint), stats)
+            log.info("%s: %s, %d rows: read %.2fs, %s %.2fs, write %.2fs", self.spec.name, shard, output.num_rows,
+                     read - started, self.spec.name, computed - read, time.perf_counter() - computed)
             results.append(json.dumps(stats))
         return {"stats": np.array(results, dtype=object)}
 
