@@ -82,6 +82,7 @@ def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -
         "model_version": model.version,
         "faces": faces.model_dump(mode="json"),
         "sampling": {k: getattr(settings, k) for k in ("fps", "every_nth", "segment_seconds", "max_faces")},
+        "detect_max_side": settings.detect_max_side,
     }
     if settings.upsample == "auto" and faces.upsample > 0:  # runs before this setting keep their key
         knobs["detect"] = {"upsample": "auto", "upsample_below": settings.upsample_below}
@@ -195,9 +196,10 @@ class FaceFinder:
         small = too_small(image)
         if small:
             return [{**where, "id": row_id(path, frame, None), "status": TOO_SMALL, "error": small}]
-        result = align_image(image, self.detector, self.predictor, self.first, self.settings.max_faces)
+        cap = self.settings.detect_max_side
+        result = align_image(image, self.detector, self.predictor, self.first, self.settings.max_faces, cap)
         if not result.faces and self.retry_below is not None and min(image.shape[:2]) < self.retry_below:
-            result = align_image(image, self.detector, self.predictor, self.faces, self.settings.max_faces)
+            result = align_image(image, self.detector, self.predictor, self.faces, self.settings.max_faces, cap)
         if not result.faces:
             return [{**where, "id": row_id(path, frame, None), "faces_found": 0, "status": NO_FACE, "error": "no face detected"}]
         return [

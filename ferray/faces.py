@@ -134,13 +134,25 @@ def _load(factory: Callable[[str], Any], path: Path, setting: str) -> Any:
 # --------------------------------------------------------------------------- pure functions
 
 
-def detect_faces(image: np.ndarray, detector: Detector, upsample: int) -> list[dlib.rectangle]:
-    """Face rectangles (source pixels, may overhang the border), largest first."""
+def detect_faces(image: np.ndarray, detector: Detector, upsample: int, max_side: int | None = None) -> list[dlib.rectangle]:
+    """Face rectangles (source pixels, may overhang the border), largest first.
+
+    `max_side`: detect on a copy whose longer side is at most this (area-averaged, so no aliasing),
+    and scale the rectangles back to the source.
+    """
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width) if max_side and max(height, width) > max_side else 1.0
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     image = np.ascontiguousarray(image)
     if isinstance(detector, dlib.cnn_face_detection_model_v1):
         rects = [found.rect for found in detector(image, upsample)]
     else:
         rects = list(detector(image, upsample))
+    if scale < 1.0:
+        rects = [dlib.rectangle(round(r.left() / scale), round(r.top() / scale), round(r.right() / scale),
+                                round(r.bottom() / scale)) for r in rects]
     # Stable sort: equal areas keep the detector's own (deterministic) order.
     return sorted(rects, key=lambda rect: rect.width() * rect.height(), reverse=True)
 
@@ -240,16 +252,18 @@ def align_image(
     predictor: dlib.shape_predictor,
     settings: FacesSettings,
     max_faces: int | None = None,
+    detect_max_side: int | None = None,
 ) -> AlignResult:
     """Detect, landmark and align the faces of one decoded image, applying the fallback policy.
 
     `faces_found` counts every detection at least `min_face_px` wide; only the `max_faces` largest
-    are aligned (the stage keeping the largest needs one; annotation needs all).
+    are aligned (the stage keeping the largest needs one; annotation needs all). `detect_max_side`
+    caps the size detection sees (see detect_faces); landmarks and chips use the full image.
     """
     height, width = image.shape[:2]
     rects = [
         rect
-        for rect in detect_faces(image, detector, settings.upsample)
+        for rect in detect_faces(image, detector, settings.upsample, detect_max_side)
         if min(rect.width(), rect.height()) >= settings.min_face_px
     ]
     faces = []

@@ -218,23 +218,46 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     assert annotate.run(settings_for(pools="fused"), str(model_dir), source, out).shards_written == 0
 
 
+def _finder(tmp_path: Path, **knobs: Any) -> annotate.FaceFinder:
+    settings = load_settings(annotate=knobs)
+    model = annotate.ModelRef("unused", "v", 48, "gray")
+    faces = annotate.face_settings(settings.faces, model)
+    return annotate.FaceFinder(annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, model,
+                                            annotate.run_key(model, faces, settings.annotate)))
+
+
 @pytest.mark.parametrize("policy", ["auto", "faces"])
 def test_upsampling_is_spent_on_small_images_only(policy: str, tmp_path: Path) -> None:
     """`annotate.upsample=auto` upsamples (faces.upsample=1) only an image without a face found at 0
     whose shorter side is under `upsample_below`: a bare 48 px FER face is found, the same face
     1.5× larger (72 px, under HOG's 80 px window) on a 320×240 picture is not; `faces` finds both."""
-    settings = load_settings(annotate={"upsample": policy})
     face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
     big = cv2.resize(face, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_CUBIC)
     picture = np.full((240, 320), 128, np.uint8)
     picture[20 : 20 + big.shape[0], 20 : 20 + big.shape[1]] = big
-    model = annotate.ModelRef("unused", "v", 48, "gray")
-    faces = annotate.face_settings(settings.faces, model)
-    job = annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, model,
-                       annotate.run_key(model, faces, settings.annotate))
-    finder = annotate.FaceFinder(job)
+    finder = _finder(tmp_path, upsample=policy)
     found = [[row["status"] for row in finder._frame_rows(image, {}, "x", None, None)] for image in (face, picture)]
     assert found == ([["ok"], ["align:no_face"]] if policy == "auto" else [["ok"], ["ok"]])
+
+
+def test_large_photos_are_detected_at_a_capped_size(tmp_path: Path) -> None:
+    """A 4000×3000 photo is detected at 1920 px (`annotate.detect_max_side`): its 384 px face is found, with
+    the box in the photo's own pixels; a 144 px face (69 px at 1920) is found only at full size."""
+    face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
+    rows = {}
+    for scale, cap in ((8, 1920), (3, 1920), (3, None)):
+        big = cv2.resize(face, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        photo = np.full((3000, 4000), 128, np.uint8)
+        photo[1000 : 1000 + big.shape[0], 2500 : 2500 + big.shape[1]] = big
+        rows[(scale, cap)] = _finder(tmp_path, detect_max_side=cap)._frame_rows(photo, {}, "x", None, None)
+    found = rows[(8, 1920)]
+    assert [r["status"] for r in found] == ["ok"]
+    x, y, w, h = found[0]["bbox"]
+    # HOG's box covers the inner face: inside the pasted 384 px square, most of its width.
+    assert 2500 <= x and x + w <= 2500 + 384 + 8 and 1000 <= y and y + h <= 1000 + 384 + 8 and w > 384 * 0.6, found[0]["bbox"]
+    assert len(found[0]["chip"]) == 48 * 48
+    assert [r["status"] for r in rows[(3, 1920)]] == ["align:no_face"]
+    assert [r["status"] for r in rows[(3, None)]] == ["ok"]
 
 
 def test_cli_on_a_zip_with_split_pools_and_copied_videos(
