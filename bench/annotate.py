@@ -15,7 +15,7 @@ N images, and prints both tools' images/s and accuracy of the largest face on th
 `fer` is installed outside the project's virtualenv, with only what it imports (OpenCV 5 moved the Haar
 cascade to the contrib build):
   .venv/bin/pip install --no-deps --target /tmp/fer-site fer opencv-contrib-python-headless==5.0.0.93
-Without --model the bench fits a model once (Lite0 + head on the Dlib-aligned FER-2013 train faces; cached).
+MODEL is the shipped `default` unless --model names another artifact folder.
 """
 
 from __future__ import annotations
@@ -43,10 +43,8 @@ from PIL import Image
 from ferray import annotate
 from ferray import io as fio
 from ferray.config import Settings, load_settings
-from ferray.schema import LABEL_INDEX
 
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fer2013.zip"
-CACHE = Path(os.path.expanduser("~/.cache/ferray/bench"))
 FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("bmp", "BMP"), ("tiff", "TIFF"))
 log = logging.getLogger("bench.annotate")
 
@@ -127,45 +125,6 @@ def build_videos(target: Path, faces: list[tuple[str, np.ndarray]], count: int, 
             chosen = [faces[rng.randrange(len(faces))][1] for _ in range(int(seconds // 2) + 1)]
             fourcc, ext = ("mp4v", "mp4") if index % 2 == 0 else ("MJPG", "avi")
             archive.writestr(f"clips/clip-{index:05d}.{ext}", video_bytes(chosen, seconds, 15.0, rng, fourcc, ext))
-
-
-# --------------------------------------------------------------------------- a model to run
-
-
-def bench_model(settings: Settings, epochs: int = 60) -> Path:
-    """Lite0 + the paper's head fitted on every Dlib-aligned FER-2013 train face (as annotate feeds
-    them); a few minutes once, then cached."""
-    target = CACHE / f"model-lite0-aligned-e{epochs}"
-    if (target / "ferray.json").is_file():
-        return target
-    import keras
-
-    from ferray import faces as dlib_faces
-    from ferray import model as artifact
-    from ferray.backbone import backbone_metadata, build_backbone, resolve_weights
-    from ferray.head import build_head
-
-    aligning = settings.faces.model_copy(update={"fallback": "none"})
-    detector, predictor = dlib_faces.load_detector(aligning), dlib_faces.load_predictor(aligning)
-    chips, labels = [], []
-    for label, face in fer_faces("Training_"):
-        found = dlib_faces.align_image(face, detector, predictor, aligning, max_faces=1)
-        if found.faces:
-            chips.append(found.faces[0].chip[..., None])
-            labels.append(LABEL_INDEX[label])
-    x, y = np.stack(chips).astype(np.float32), np.array(labels)
-    weights = resolve_weights(settings.backbone)
-    backbone = build_backbone(settings.backbone, weights=weights, image_size=settings.faces.size)
-    embeddings = backbone.predict(x, batch_size=256, verbose=0)
-    keras.utils.set_random_seed(0)
-    head = build_head(keras, embeddings.shape[1], 1024, 0.5)
-    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    head.fit(embeddings, y, epochs=epochs, batch_size=128, verbose=0)
-    model = artifact.assemble(backbone, head.get_weights())
-    meta = artifact.metadata(settings, backbone_metadata(settings.backbone, weights, settings.faces.size), {},
-                             data_fingerprint=f"bench:fer2013-train-aligned-{len(y)}")
-    artifact.save(model, {**meta, "version": f"bench-aligned-e{epochs}"}, str(target), settings.storage)
-    return target
 
 
 # --------------------------------------------------------------------------- memory of the Ray processes
@@ -404,7 +363,7 @@ def main() -> None:
     parser.add_argument("--video-seconds", type=float, default=8.0)
     parser.add_argument("--scale", type=int, default=10, help="the large archives hold scale × N files")
     parser.add_argument("--upsample", type=int, default=None, help="faces.upsample for the run (default: config)")
-    parser.add_argument("--model", help="model folder (default: fit and cache a bench model)")
+    parser.add_argument("--model", default="default", help="model folder (default: the shipped `default` model)")
     parser.add_argument("--fer-site", default="/tmp/fer-site", help="folder holding `fer` (pip --target)")
     parser.add_argument("--no-scale", action="store_true", help="only the N archives")
     parser.add_argument("--work", help="work folder (default: a temp folder)")
@@ -423,7 +382,7 @@ def main() -> None:
     settings = load_settings(**overrides)
     work = Path(args.work or tempfile.mkdtemp(prefix="ferray-bench-annotate-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model) if args.model else bench_model(load_settings())
+    model = Path(args.model)
     test_faces = fer_faces("PrivateTest_")
     print(f"model {model}; faces.upsample {settings.faces.upsample}; work {work}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the machine skews rates)")
