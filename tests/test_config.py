@@ -84,3 +84,10 @@ def test_secret_in_bad_config_is_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(config)
     assert "storage." in str(caught.value)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("experiments/*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_config_is_valid(path: Path) -> None:
+    """The configs the README points at (the shipped model's recipe among them) load as written."""
+    settings = load_settings(path)
+    assert settings.pipeline.train is not None and settings.pipeline.workdir
