@@ -51,11 +51,22 @@ def redact(secrets: set[str]) -> None:
 
 # Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, once a second
 # whether the controller lives; a local Ray started without a dashboard answers "unavailable" every
-# time, and the warning would make up most of a long training job's log.
-QUIET_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# time, and the warning would make up most of a long training job's log. Ray Train also logs two
+# lines at INFO for every epoch's checkpoint, which ferray's own epoch line already says.
+QUIET_RAY_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.storage": logging.WARNING,
+    # This module names its logger by its file's path.
+    "ray/train/v2/_internal/execution/context.py": logging.WARNING,
+}
 
 
 def quiet_ray_workers() -> None:
     """Ray `worker_process_setup_hook` for the local Ray ferray starts (it has no dashboard)."""
-    for name in QUIET_RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    import os
+
+    import ray
+
+    root = os.path.dirname(os.path.dirname(ray.__file__))
+    for name, level in QUIET_RAY_LOGGERS.items():
+        logging.getLogger(os.path.join(root, name) if name.endswith(".py") else name).setLevel(level)
