@@ -56,17 +56,23 @@ def redact(secrets: set[str]) -> None:
 QUIET_RAY_LOGGERS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
     "ray.train.v2._internal.execution.storage": logging.WARNING,
+    "ray.train._internal.storage": logging.WARNING,  # the same line, from the module a Train worker persists with
     # This module names its logger by its file's path.
     "ray/train/v2/_internal/execution/context.py": logging.WARNING,
 }
 
 
 def quiet_ray_workers() -> None:
-    """Ray `worker_process_setup_hook` for the local Ray ferray starts (it has no dashboard)."""
+    """Ray `worker_process_setup_hook` for the local Ray ferray starts (it has no dashboard).
+
+    A filter on each logger, not its level: a Train worker later runs `logging.config.dictConfig`,
+    which resets the level of every logger under `ray.train` but keeps their filters.
+    """
     import os
 
     import ray
 
     root = os.path.dirname(os.path.dirname(ray.__file__))
     for name, level in QUIET_RAY_LOGGERS.items():
-        logging.getLogger(os.path.join(root, name) if name.endswith(".py") else name).setLevel(level)
+        logger = logging.getLogger(os.path.join(root, name) if name.endswith(".py") else name)
+        logger.addFilter(lambda record, level=level: record.levelno >= level)

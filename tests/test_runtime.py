@@ -9,7 +9,7 @@ import textwrap
 
 # A fresh driver (the test session's Ray was started without ferray's settings): ferray's local Ray, one
 # task that logs through Ray Train's own loggers what they say in a training job, and a line of the job's.
-SCRIPT = textwrap.dedent(f"""
+SCRIPT = textwrap.dedent("""
     import logging, time
     import ray
     from ferray.config import RaySettings
@@ -19,12 +19,19 @@ SCRIPT = textwrap.dedent(f"""
 
     @ray.remote
     def speak() -> None:
+        import logging.config
+
+        import ray.train._internal.storage as worker_storage
         import ray.train.v2._internal.execution.context as context
         import ray.train.v2._internal.execution.controller.placement_group_cleaner as cleaner
         import ray.train.v2._internal.execution.storage as storage
 
+        # What Ray Train does in each worker before training: it resets every `ray.train.*` logger's level.
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
+                                   "loggers": {"ray.train": {"level": "DEBUG"}}})
         cleaner.logger.warning("State API may be temporarily unavailable")
         storage.logger.info("Checkpoint successfully created at: somewhere")
+        worker_storage.logger.info("Checkpoint successfully created at: elsewhere")
         context.logger.info("Reporting training result 1: a report")
         logging.getLogger("ferray.job").warning("the job's own warning")
 
