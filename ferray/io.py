@@ -314,8 +314,9 @@ class ShardSink:
 
     def write(self, shard: str, table: pa.Table, fingerprint: str, stats: dict[str, Any]) -> None:
         """Split rows by status, write data, quarantine and stats, then the completion marker."""
-        ok_mask = pc.equal(table["status"], "ok")
-        if ok_mask.null_count == 0 and pc.all(ok_mask).as_py() is not False:  # the usual shard: no copy
+        # A row without a status is not ok: it goes to quarantine rather than out of both files.
+        ok_mask = pc.fill_null(pc.equal(table["status"], "ok"), False)
+        if pc.all(ok_mask).as_py() is not False:  # the usual shard (or an empty one): no copy
             good, bad = table, table.slice(0, 0)
         else:
             good, bad = table.filter(ok_mask), table.filter(pc.invert(ok_mask))

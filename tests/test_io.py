@@ -43,6 +43,10 @@ def test_shard_sink_splits_and_marks(tmp_path: Path, storage: StorageSettings) -
     # A clean rewrite removes the earlier quarantine, so outputs always describe one run.
     sink.write("part-00000", table.filter(pa.array([True, False, True])), "fp2", {"rows": 2})
     assert not fio.exists(sink.quarantine_uri("part-00000"), storage)
+    # Every row lands in one of the two files, a row with no status included.
+    sink.write("part-00001", pa.table({"id": ["d", "e"], "status": ["ok", None]}), "fp", {"rows": 2})
+    assert fio.read_parquet(sink.data_uri("part-00001"), storage)["id"].to_pylist() == ["d"]
+    assert fio.read_parquet(sink.quarantine_uri("part-00001"), storage)["id"].to_pylist() == ["e"]
 
 
 def test_completed_shards_needs_markers(tmp_path: Path, storage: StorageSettings) -> None:
