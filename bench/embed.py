@@ -6,8 +6,9 @@ re-shards the first ROWS faces (default: every face), times `model.predict` in t
 already built), then times `ferray embed` on local Ray (all CPUs, one actor per CPU; wall time includes
 actor start, TensorFlow import and model build, but not `ray.init`, which a cluster pays once and not per
 stage), and prints both rates and their ratio. On a few thousand faces the fixed actor start-up
-(≈ 10–25 s on 2 CPUs) dominates; an archive-sized input is what the stage is for. EfficientNet-B0 runs with `weights: none` when
-Keras's ImageNet file is not cached (no internet here): throughput does not depend on the weights.
+(≈ 6–8 s on 2 CPUs) dominates; an archive-sized input is what the stage is for. EfficientNet-B0 runs
+with `weights: none` when Keras's ImageNet file is not cached (no internet here): throughput does not
+depend on the weights.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def main() -> None:
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             shutil.move(out, Path(args.keep) / case)
-        shutil.rmtree(out, ignore_errors=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
 
 
