@@ -36,8 +36,6 @@ SPLITS = ("train", "val", "test")
 # `ferray train --fine-tune` (ferray.tune) does the same inside a Ray Train worker, with checkpoints.
 
 
-
-
 class TimeBudget(keras.callbacks.Callback):
     """Stops after the epoch that crosses a wall-clock budget (a lent GPU has minutes, not hours)."""
 
@@ -145,14 +143,13 @@ def build(size: int, weights: str, recipe) -> tuple[object, object]:
 
 
 def train(args: argparse.Namespace) -> None:
-
     if args.weights.endswith(".npz"):  # a float16 copy travels light; the model wants float32
         arrays = dict(np.load(args.weights))
         args.weights = str(Path(tempfile.mkdtemp()) / "init-weights.npz")
         np.savez(args.weights, **{k: v.astype(np.float32) for k, v in arrays.items()})
     recipe = FineTuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                     unfreeze="all" if args.unfreeze == "all" else int(args.unfreeze),
-                                     label_smoothing=args.label_smoothing, hidden=args.hidden, dropout=args.dropout)
+                              unfreeze="all" if args.unfreeze == "all" else int(args.unfreeze),
+                              label_smoothing=args.label_smoothing, hidden=args.hidden, dropout=args.dropout)
     model, _ = build(args.size, args.weights, recipe)
     x_train, y_train = load_pack(args.pack, "train")
     x_val, y_val = load_pack(args.pack, "val")
@@ -180,7 +177,7 @@ def evaluate(args: argparse.Namespace) -> None:
     import cv2
 
     history = json.loads((Path(args.out) / "history.json").read_text())
-    recipe = FineTuneSettings(**{**history["recipe"], "unfreeze": history["recipe"]["unfreeze"]})
+    recipe = FineTuneSettings(**history["recipe"])
     model, _ = build(history["size"], "none", recipe)
     stored = np.load(Path(args.out) / "weights.npz")
     model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
