@@ -49,6 +49,7 @@ class ModelRef:
     version: str
     face_size: int
     face_color: str
+    flip_tta: bool = False  # the artifact's own `inference.flip_tta`
 
 
 def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
@@ -68,7 +69,8 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
     meta = io.read_json(meta_uri, storage)
     artifact.check_labels(model, meta)  # here, on the driver: not as a failed actor once Ray has started
     version = artifact.Artifact(uri=folder, model=None, meta=meta).version
-    return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")))
+    return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")),
+                    bool(meta.get("inference", {}).get("flip_tta", False)))
 
 
 def face_settings(faces: FacesSettings, model: ModelRef) -> FacesSettings:
@@ -84,6 +86,8 @@ def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -
         "sampling": {k: getattr(settings, k) for k in ("fps", "every_nth", "segment_seconds", "max_faces")},
         "detect_max_side": settings.detect_max_side,
     }
+    if settings.flip_tta not in (None, model.flip_tta):  # the model's own choice keeps earlier runs' key
+        knobs["flip_tta"] = settings.flip_tta
     if settings.upsample == "auto" and faces.upsample > 0:  # runs before this setting keep their key
         knobs["detect"] = {"upsample": "auto", "upsample_below": settings.upsample_below}
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:24]
@@ -236,7 +240,7 @@ class Labeller:
         probs_column: list[list[float] | None] = [None] * n
         if rows:
             faces = np.stack([np.frombuffer(chips[i], np.uint8).reshape(size, size, self.channels) for i in rows])
-            probs = self.artifact.predict(faces.astype(np.float32), batch_size=self.job.settings.predict_batch)
+            probs = self.artifact.predict(faces.astype(np.float32), self.job.settings.predict_batch, self.job.settings.flip_tta)
             for i, p in zip(rows, probs):
                 labels[i] = int(p.argmax())
                 confidences[i] = float(p.max())

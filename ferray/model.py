@@ -84,11 +84,13 @@ class Artifact:
     def version(self) -> str:
         return str(self.meta.get("version") or self.meta.get("created_at") or self.uri)
 
-    def predict(self, faces: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Probabilities for raw aligned faces (N, s, s, c), applying the artifact's TTA and temperature."""
+    def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
+        """Probabilities for raw aligned faces (N, s, s, c), applying the artifact's TTA and temperature.
+
+        `flip_tta` overrides the artifact's own choice (None keeps it)."""
         inference = self.meta.get("inference", {})
         probs = self._predict(faces, batch_size)
-        if inference.get("flip_tta"):
+        if inference.get("flip_tta") if flip_tta is None else flip_tta:
             probs = (probs + self._predict(faces[:, :, ::-1], batch_size)) / 2.0
         temperature = float(inference.get("temperature", 1.0))
         if temperature != 1.0:

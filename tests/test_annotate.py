@@ -226,6 +226,33 @@ def _finder(tmp_path: Path, **knobs: Any) -> annotate.FaceFinder:
                                             annotate.run_key(model, faces, settings.annotate)))
 
 
+def test_flip_tta_override_reaches_the_labeller_and_the_run_key(model_dir: Path, tmp_path: Path) -> None:
+    """`annotate.flip_tta` classifies with or without the mirrored pass whatever the model says; a run
+    key changes only when the setting differs from the model's own choice (reruns redo only then)."""
+    from ferray import model as artifact
+
+    face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
+    picture = np.full((300, 300), 128, np.uint8)
+    picture[60:252, 60:252] = cv2.resize(face, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    drafts = pa.Table.from_pylist(_finder(tmp_path)._frame_rows(picture, {}, "x", None, None),
+                                  schema=annotate.DRAFT_SCHEMA)
+    assert drafts["status"].to_pylist() == ["ok"]
+    chip = np.frombuffer(drafts["chip"][0].as_py(), np.uint8).reshape(1, 48, 48, 1).astype(np.float32)
+    loaded = artifact.load(str(model_dir), StorageSettings())
+    ref = annotate.resolve_model(str(model_dir), StorageSettings())
+    keys = set()
+    for flip in (None, ref.flip_tta, not ref.flip_tta):
+        settings = load_settings(annotate={"flip_tta": flip})
+        faces = annotate.face_settings(settings.faces, ref)
+        job = annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, ref,
+                           annotate.run_key(ref, faces, settings.annotate))
+        keys.add(job.run_key)
+        probs = annotate.Labeller(job)(drafts)["probs"].to_pylist()[0]
+        assert np.allclose(probs, loaded.predict(chip, flip_tta=flip)[0], atol=1e-5)
+    assert len(keys) == 2
+    assert not np.allclose(loaded.predict(chip, flip_tta=True), loaded.predict(chip, flip_tta=False), atol=1e-4)
+
+
 @pytest.mark.parametrize("policy", ["auto", "faces"])
 def test_upsampling_is_spent_on_small_images_only(policy: str, tmp_path: Path) -> None:
     """`annotate.upsample=auto` upsamples (faces.upsample=1) only an image without a face found at 0

@@ -43,6 +43,16 @@ def test_flip_tta_and_temperature_from_metadata(model_dir: Path, tmp_path: Path)
     assert np.allclose(tuned.sum(1), 1.0, atol=1e-4)
     assert tuned.max(1).mean() < plain.max(1).mean(), "temperature 2 must soften the probabilities"
 
+    # A caller's flip_tta overrides the artifact's: one pass with its temperature, or TTA on a plain model.
+    from ferray.calibration import apply_temperature
+
+    model = artifact.load(str(model_dir), STORAGE)
+    assert np.allclose(artifact.load(str(copy), STORAGE).predict(faces, flip_tta=False), apply_temperature(plain, 2.0),
+                       atol=1e-5)
+    flipped = model.predict(np.ascontiguousarray(faces[:, :, ::-1]))
+    assert not np.allclose(flipped, plain, atol=1e-3), "mirrored faces must score differently for this to test TTA"
+    assert np.allclose(model.predict(faces, flip_tta=True), (plain + flipped) / 2, atol=1e-5)
+
 
 def test_s3_and_registry_uris(model_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
     storage = StorageSettings().resolved()
