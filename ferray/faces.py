@@ -36,6 +36,10 @@ LANDMARK_MODEL_FILES: dict[int, str] = {
 MMOD_MODEL_FILE = "mmod_human_face_detector.dat"
 _MODELS_PACKAGE = "face_recognition_models"
 
+# The smallest face Dlib's built-in HOG detector finds without upsampling (its window is 80×80 px; the
+# boxes it reports are from about 73 px wide). Each upsampling step halves it.
+HOG_REACH = 80
+
 # Shorter sides cannot hold a face Dlib finds (HOG's window is 80 px, 40 px upsampled), and the
 # full-frame fallback would only blow a speck up to a "face"; such images get `align:too_small`.
 MIN_IMAGE_SIDE = 16
@@ -134,14 +138,30 @@ def _load(factory: Callable[[str], Any], path: Path, setting: str) -> Any:
 # --------------------------------------------------------------------------- pure functions
 
 
-def detect_faces(image: np.ndarray, detector: Detector, upsample: int, max_side: int | None = None) -> list[dlib.rectangle]:
+def detection_scale(height: int, width: int, max_side: int | None = None, reach: float | None = None,
+                    min_face: int = 0) -> float:
+    """How much to shrink an image before detection (1.0: not at all).
+
+    `max_side` caps its longer side. `reach` is the smallest face the detector finds at this upsampling
+    (HOG: HOG_REACH / 2**upsample); when every face wanted is at least `min_face` px wide and that is
+    more than the reach, a copy where such a face is `reach` px wide finds them all, for a fraction of
+    the work (HOG's cost grows with pixels).
+    """
+    scale = max_side / max(height, width) if max_side and max(height, width) > max_side else 1.0
+    if reach and min_face > reach:
+        scale = min(scale, reach / min_face)
+    return scale
+
+
+def detect_faces(image: np.ndarray, detector: Detector, upsample: int, max_side: int | None = None,
+                 reach: float | None = None, min_face: int = 0) -> list[dlib.rectangle]:
     """Face rectangles (source pixels, may overhang the border), largest first.
 
-    `max_side`: detect on a copy whose longer side is at most this (area-averaged, so no aliasing),
-    and scale the rectangles back to the source.
+    Detection runs on a copy shrunk by detection_scale (area-averaged, so no aliasing), and the
+    rectangles are scaled back to the source.
     """
     height, width = image.shape[:2]
-    scale = max_side / max(height, width) if max_side and max(height, width) > max_side else 1.0
+    scale = detection_scale(height, width, max_side, reach, min_face)
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
@@ -155,6 +175,14 @@ def detect_faces(image: np.ndarray, detector: Detector, upsample: int, max_side:
                                 round(r.bottom() / scale)) for r in rects]
     # Stable sort: equal areas keep the detector's own (deterministic) order.
     return sorted(rects, key=lambda rect: rect.width() * rect.height(), reverse=True)
+
+
+def detector_reach(settings: FacesSettings) -> float | None:
+    """The smallest face the configured detector finds, in source px; None when not known (a custom
+    .svm detector's window, the MMOD CNN's)."""
+    if settings.detector == "hog" and settings.detector_model is None:
+        return HOG_REACH / 2**settings.upsample
+    return None
 
 
 def predict_landmarks(
@@ -263,7 +291,8 @@ def align_image(
     height, width = image.shape[:2]
     rects = [
         rect
-        for rect in detect_faces(image, detector, settings.upsample, detect_max_side)
+        for rect in detect_faces(image, detector, settings.upsample, detect_max_side, detector_reach(settings),
+                                 settings.min_face_px)
         if min(rect.width(), rect.height()) >= settings.min_face_px
     ]
     faces = []

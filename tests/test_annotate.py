@@ -218,8 +218,8 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     assert annotate.run(settings_for(pools="fused"), str(model_dir), source, out).shards_written == 0
 
 
-def _finder(tmp_path: Path, **knobs: Any) -> annotate.FaceFinder:
-    settings = load_settings(annotate=knobs)
+def _finder(tmp_path: Path, faces: dict[str, Any] | None = None, **knobs: Any) -> annotate.FaceFinder:
+    settings = load_settings(annotate=knobs, faces=faces or {})
     model = annotate.ModelRef("unused", "v", 48, "gray")
     faces = annotate.face_settings(settings.faces, model)
     return annotate.FaceFinder(annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, model,
@@ -285,6 +285,42 @@ def test_large_photos_are_detected_at_a_capped_size(tmp_path: Path) -> None:
     assert len(found[0]["chip"]) == 48 * 48
     assert [r["status"] for r in rows[(3, 1920)]] == ["align:no_face"]
     assert [r["status"] for r in rows[(3, None)]] == ["ok"]
+
+
+class Recording:
+    """The real detector, noting the size of every image it is given."""
+
+    def __init__(self, detector: Any) -> None:
+        self.detector, self.shapes = detector, []
+
+    def __call__(self, image: np.ndarray, upsample: int) -> Any:
+        self.shapes.append(image.shape[:2])
+        return self.detector(image, upsample)
+
+
+def test_a_minimum_face_width_detects_on_a_smaller_copy(tmp_path: Path) -> None:
+    """faces.min_face_px 192 on a 1280×720 frame: detection sees a 533×300 copy (HOG's 80 px reach / 192),
+    finds the 288 px face with its box in the frame's pixels and leaves out the 144 px one, which the
+    full frame (min_face_px 0) finds too. A faceless 150 px picture is not retried upsampled: at 192
+    px the first pass already looked for every face wanted."""
+    face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
+    frame = np.full((720, 1280), 128, np.uint8)
+    frame[100:388, 200:488] = cv2.resize(face, None, fx=6, fy=6, interpolation=cv2.INTER_CUBIC)
+    frame[300:444, 900:1044] = cv2.resize(face, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
+    blank = np.full((150, 150), 90, np.uint8)
+    found, shapes = {}, {}
+    for min_face in (192, 0):
+        finder = _finder(tmp_path, faces={"min_face_px": min_face})
+        finder.detector = recording = Recording(finder.detector)
+        found[min_face] = finder._frame_rows(frame, {}, "x", None, None)
+        assert [r["status"] for r in finder._frame_rows(blank, {}, "y", None, None)] == ["align:no_face"]
+        shapes[min_face] = recording.shapes
+    assert shapes[192] == [(300, 533), (62, 62)]
+    assert shapes[0] == [(720, 1280), (150, 150), (150, 150)]  # the blank one retried, upsampled
+    assert [r["status"] for r in found[192]] == ["ok"]
+    x, y, w, h = found[192][0]["bbox"]
+    assert 200 <= x and x + w <= 488 + 8 and 100 <= y and y + h <= 388 + 8 and w > 288 * 0.6, found[192][0]["bbox"]
+    assert sorted(r["bbox"][2] > 150 for r in found[0]) == [False, True]  # HOG's boxes: ~180 and ~105 px
 
 
 def test_cli_on_a_zip_with_split_pools_and_copied_videos(
