@@ -171,7 +171,7 @@ def safe_relpath(name: str) -> str | None:
     return printable("/".join(parts))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TreeFile:
     """One file of a tree: its relative path (None if unsafe), member name and size in bytes."""
 

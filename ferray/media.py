@@ -115,7 +115,7 @@ def sampled_frames(start: int, end: int | None, step: float) -> Iterator[int]:
 # --------------------------------------------------------------------------- work units
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """One piece of work: an image, a video segment [start, end) in frames, or a file to report."""
 
