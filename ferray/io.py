@@ -37,7 +37,9 @@ class StorageError(OSError):
 
 
 def _s3_options(storage: StorageSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {"anon": storage.anon}
+    # No listings cache: s3fs would keep every object's info dict of a listing (~2 KB each: 20 GB for a
+    # 10-million-file SOURCE) for the life of the process, and a long-lived driver would not see new files.
+    options: dict[str, Any] = {"anon": storage.anon, "use_listings_cache": False}
     if storage.access_key_id is not None:
         options["key"] = storage.access_key_id.get_secret_value()
     if storage.secret_access_key is not None:
@@ -218,13 +220,13 @@ class Tree:
         elif self.kind == "dir":
             if not self.fs.isdir(self.path):
                 raise StorageError(f"not a folder or archive: {self.uri}")
-            found = self.fs.find(self.path, detail=True)
+            # Folder by folder, keeping only (path, size): one listing's info dicts at a time, not all of them.
             out = []
-            for full, info in found.items():
-                if info.get("type") == "directory":
-                    continue
-                member = full[len(self.path) :].lstrip("/")
-                out.append(TreeFile(safe_relpath(member), member, int(info.get("size") or 0)))
+            for folder, _, found in self.fs.walk(self.path, detail=True):
+                for name, info in found.items():
+                    full = info.get("name") or join(folder, name)
+                    member = full[len(self.path) :].lstrip("/")
+                    out.append(TreeFile(safe_relpath(member), member, int(info.get("size") or 0)))
         elif self.kind == "zip":
             archive = self._open_archive()
             assert isinstance(archive, zipfile.ZipFile)

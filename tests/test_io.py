@@ -90,6 +90,11 @@ def test_tree_on_s3_prefix(s3_bucket: str, storage: StorageSettings) -> None:
         fio.write_bytes_atomic(fio.join(prefix, name), data, storage)
     tree = fio.Tree(prefix, storage)
     assert {f.relpath: tree.read(f.member) for f in tree.files()} == _archive_members()
+    # No listing is kept in memory: s3fs's listings cache would hold every object's info of a huge
+    # prefix for the life of the process (and miss files other processes add); a new listing lists anew.
+    fio.write_bytes_atomic(fio.join(prefix, "later/new.jpg"), b"new", storage)
+    assert [f.relpath for f in fio.Tree(prefix, storage).files() if f.relpath.startswith("later/")] == ["later/new.jpg"]
+    assert len(tree.fs.dircache) == 0
 
 
 def test_unsafe_archive_members_are_flagged_not_followed(tmp_path: Path, storage: StorageSettings) -> None:
