@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from ferray import io, media, video
 from ferray.config import AnnotateSettings, FacesSettings, Settings, StorageSettings
-from ferray.faces import TOO_SMALL, align_image, detector_reach, load_detector, load_predictor, too_small
+from ferray.faces import TOO_SMALL, AlignResult, align_images, detector_reach, load_detector, load_predictor, too_small
 from ferray.images import DecodeError, open_checked, to_array
 from ferray.media import Ledger, MediaError, ShardRecord, Unit
 from ferray.schema import ANNOTATION_SCHEMA, LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
@@ -115,6 +115,21 @@ def row_id(path: str, frame: int | None, face: int | None) -> str:
     return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
 
 
+# A group of frames waiting for alignment holds at most this many pixels (16 1080p grey frames; one 12 MP photo).
+GROUP_PIXELS = 33_000_000
+
+
+@dataclass
+class _Pending:
+    """A decoded image or sampled frame waiting for its group's alignment, and the slot its rows go to."""
+
+    image: np.ndarray
+    where: dict[str, Any]
+    path: str
+    frame: int | None
+    slot: list[dict[str, Any]]
+
+
 class FaceFinder:
     """Decodes images and sampled video frames and aligns every face; Dlib models loaded once."""
 
@@ -132,35 +147,40 @@ class FaceFinder:
         self.retry_below = job.settings.upsample_below if retry else None
         if job.settings.upsample == "faces":
             self.first = job.faces
+        self._pending: list[_Pending] = []
+        self._pending_pixels = 0
 
     def find(self, units: list[Unit]) -> tuple[pa.Table, dict[str, float]]:
         """Draft rows (with raw chips) of the units, in unit, frame and face order."""
-        rows: list[dict[str, Any]] = []
+        slots: list[list[dict[str, Any]]] = []
         counters: Counter[str] = Counter()
         for unit in units:
-            rows += self.unit_rows(unit, counters)
+            slots += self.unit_rows(unit, counters)
+        self._flush()
+        rows = [row for slot in slots for row in slot]
         return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA), dict(counters)
 
-    def unit_rows(self, unit: Unit, counters: Counter[str]) -> list[dict[str, Any]]:
+    def unit_rows(self, unit: Unit, counters: Counter[str]) -> list[list[dict[str, Any]]]:
+        """The unit's rows as slots in order: a frame's slot is filled when its group is aligned (_flush)."""
         base = {
             "unit": unit.name,
             "source_path": self.tree.member_uri(unit.member) if unit.member else io.join(self.tree.uri, unit.relpath),
             "media_type": unit.media,
         }
         if unit.status != STATUS_OK:
-            return [self._status_row(base, unit, unit.status, unit.error)]
+            return [[self._status_row(base, unit, unit.status, unit.error)]]
         try:
             if unit.media == MEDIA_IMAGE:
                 return self._image_rows(unit, base)
             return self._video_rows(unit, base, counters)
-        except (MediaError, DecodeError) as error:
-            return [self._status_row(base, unit, error.status, str(error))]
+        except (MediaError, DecodeError) as error:  # rows of frames already queued are dropped with their slots
+            return [[self._status_row(base, unit, error.status, str(error))]]
 
     @staticmethod
     def _status_row(base: dict[str, Any], unit: Unit, row_status: str, error: str | None) -> dict[str, Any]:
         return {**base, "id": row_id(unit.name, None, None), "status": row_status, "error": error}
 
-    def _image_rows(self, unit: Unit, base: dict[str, Any]) -> list[dict[str, Any]]:
+    def _image_rows(self, unit: Unit, base: dict[str, Any]) -> list[list[dict[str, Any]]]:
         if unit.size > self.faces.max_file_bytes:  # refused before its bytes are fetched
             raise DecodeError("too_large", f"{unit.size} bytes > limit {self.faces.max_file_bytes}")
         assert unit.member is not None
@@ -171,11 +191,11 @@ class FaceFinder:
         except (OSError, EOFError, KeyError, ValueError) as error:  # unreadable object, corrupt archive member
             raise MediaError("read", "error", f"{type(error).__name__}: {error}"[:300]) from None
         image = to_array(open_checked(data, self.faces.max_file_bytes, self.faces.max_image_pixels), self.faces.color)
-        return self._frame_rows(image, base, unit.relpath, None, None)
+        return [self._frame_rows(image, base, unit.relpath, None, None)]
 
-    def _video_rows(self, unit: Unit, base: dict[str, Any], counters: Counter[str]) -> list[dict[str, Any]]:
+    def _video_rows(self, unit: Unit, base: dict[str, Any], counters: Counter[str]) -> list[list[dict[str, Any]]]:
         assert unit.member is not None
-        rows: list[dict[str, Any]] = []
+        rows: list[list[dict[str, Any]]] = []
         with video.capture(self.tree, unit.member, self.settings) as cap:
             probe = video.probe(cap)
             fps = probe.fps
@@ -185,34 +205,64 @@ class FaceFinder:
                 if height * width > self.faces.max_image_pixels:
                     raise DecodeError("too_large", f"{width}x{height} frames > limit {self.faces.max_image_pixels} pixels")
                 pixels = video.to_pixels(frame, self.faces.color)
-                rows += self._frame_rows(pixels, base, unit.relpath, frame_index, frame_index / fps)
+                rows.append(self._frame_rows(pixels, base, unit.relpath, frame_index, frame_index / fps))
         counters["video_seconds"] += reader.seconds(fps)
         if reader.ended_early:
-            rows.append(self._status_row(base, unit, status("video", "short_read"),
-                                         f"decoding stopped after frame {reader.last_frame}, segment ends at {unit.end}"))
+            rows.append([self._status_row(base, unit, status("video", "short_read"),
+                                          f"decoding stopped after frame {reader.last_frame}, segment ends at {unit.end}")])
         elif unit.end is None and video.cut_short(reader.position, probe.frames):
             # The last segment reads to the file's end; a file cut mid-stream ends before its header says.
-            rows.append(self._status_row(base, unit, status("video", "short_read"),
-                                         f"decoding stopped at frame {reader.position} of the {probe.frames} "
-                                         "the container declares (cut short?)"))
-        elif not rows:
-            rows.append(self._status_row(base, unit, status("video", "no_frames"), f"no frame decoded from frame {unit.start}"))
+            rows.append([self._status_row(base, unit, status("video", "short_read"),
+                                          f"decoding stopped at frame {reader.position} of the {probe.frames} "
+                                          "the container declares (cut short?)")])
+        elif not rows:  # every decoded frame has a slot, so none were decoded
+            rows.append([self._status_row(base, unit, status("video", "no_frames"), f"no frame decoded from frame {unit.start}")])
         return rows
 
     def _frame_rows(self, image: np.ndarray, base: dict[str, Any], path: str, frame: int | None,
                     timestamp: float | None) -> list[dict[str, Any]]:
+        """The slot of one image or frame: filled now when too small, else when its group is aligned."""
         where = {**base, "frame_index": frame, "timestamp_s": timestamp}
         small = too_small(image)
         if small:
             return [{**where, "id": row_id(path, frame, None), "status": TOO_SMALL, "error": small}]
-        cap = self.settings.detect_max_side
-        result = align_image(image, self.detector, self.predictor, self.first, self.settings.max_faces, cap)
-        if not result.faces and self.retry_below is not None and min(image.shape[:2]) < self.retry_below:
-            result = align_image(image, self.detector, self.predictor, self.faces, self.settings.max_faces, cap)
+        slot: list[dict[str, Any]] = []
+        self._pending.append(_Pending(image, where, path, frame, slot))
+        self._pending_pixels += image.size
+        if len(self._pending) >= self.settings.align_group or self._pending_pixels >= GROUP_PIXELS:
+            self._flush()
+        return slot
+
+    def aligned_rows(self, image: np.ndarray, base: dict[str, Any], path: str, frame: int | None = None,
+                     timestamp: float | None = None) -> list[dict[str, Any]]:
+        """The draft rows of one decoded image or frame, aligned now (with any frames still pending)."""
+        slot = self._frame_rows(image, base, path, frame, timestamp)
+        self._flush()
+        return slot
+
+    def _flush(self) -> None:
+        """Align the pending frames as one group (faces.align_images) and fill their slots."""
+        pending, self._pending, self._pending_pixels = self._pending, [], 0
+        if not pending:
+            return
+        cap, most = self.settings.detect_max_side, self.settings.max_faces
+        results = align_images([p.image for p in pending], self.detector, self.predictor, self.first, most, cap)
+        retry = [k for k, (p, result) in enumerate(zip(pending, results))
+                 if not result.faces and self.retry_below is not None and min(p.image.shape[:2]) < self.retry_below]
+        if retry:
+            again = align_images([pending[k].image for k in retry], self.detector, self.predictor, self.faces, most, cap)
+            for k, result in zip(retry, again):
+                results[k] = result
+        for p, result in zip(pending, results):
+            p.slot.extend(self._face_rows(p, result))
+
+    @staticmethod
+    def _face_rows(p: _Pending, result: AlignResult) -> list[dict[str, Any]]:
         if not result.faces:
-            return [{**where, "id": row_id(path, frame, None), "faces_found": 0, "status": NO_FACE, "error": "no face detected"}]
+            return [{**p.where, "id": row_id(p.path, p.frame, None), "faces_found": 0, "status": NO_FACE,
+                     "error": "no face detected"}]
         return [
-            {**where, "id": row_id(path, frame, k), "face_index": k, "faces_found": result.faces_found,
+            {**p.where, "id": row_id(p.path, p.frame, k), "face_index": k, "faces_found": result.faces_found,
              "bbox": list(face.bbox), "status": STATUS_OK, "chip": np.ascontiguousarray(face.chip).tobytes()}
             for k, face in enumerate(result.faces)
         ]

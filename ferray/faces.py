@@ -288,22 +288,42 @@ def align_image(
     are aligned (the stage keeping the largest needs one; annotation needs all). `detect_max_side`
     caps the size detection sees (see detect_faces); landmarks and chips use the full image.
     """
-    height, width = image.shape[:2]
-    rects = [
-        rect
-        for rect in detect_faces(image, detector, settings.upsample, detect_max_side, detector_reach(settings),
-                                 settings.min_face_px)
-        if min(rect.width(), rect.height()) >= settings.min_face_px
+    return align_images([image], detector, predictor, settings, max_faces, detect_max_side)[0]
+
+
+def align_images(
+    images: list[np.ndarray],
+    detector: Detector,
+    predictor: dlib.shape_predictor,
+    settings: FacesSettings,
+    max_faces: int | None = None,
+    detect_max_side: int | None = None,
+) -> list[AlignResult]:
+    """align_image over several images, detecting in all of them before landmarking any.
+
+    The same results; the order of work is for the CPU cache: the HOG filters and the landmark model
+    (~9 MB of trees) each stay cached over a run of images instead of evicting each other every image
+    (measured: 7.7 → 7.0 ms an image in groups of 8, 6.8 in groups of 32, on one core).
+    """
+    reach = detector_reach(settings)
+    found = [
+        [rect for rect in detect_faces(image, detector, settings.upsample, detect_max_side, reach, settings.min_face_px)
+         if min(rect.width(), rect.height()) >= settings.min_face_px]
+        for image in images
     ]
-    faces = []
-    for rect in rects[:max_faces]:
-        shape = predict_landmarks(image, rect, predictor)
-        chip = align_face(image, shape, settings.size, settings.padding, settings.chip_scale)
-        faces.append(AlignedFace(chip, clip_bbox(rect, width, height), "detected", landmark_points(shape)))
-    if not faces and settings.fallback == "full_frame":
-        chip, bbox = full_frame_face(image, settings.size)
-        faces.append(AlignedFace(chip, bbox, "full_frame"))
-    return AlignResult(len(rects), tuple(faces))
+    results = []
+    for image, rects in zip(images, found):
+        height, width = image.shape[:2]
+        faces = []
+        for rect in rects[:max_faces]:
+            shape = predict_landmarks(image, rect, predictor)
+            chip = align_face(image, shape, settings.size, settings.padding, settings.chip_scale)
+            faces.append(AlignedFace(chip, clip_bbox(rect, width, height), "detected", landmark_points(shape)))
+        if not faces and settings.fallback == "full_frame":
+            chip, bbox = full_frame_face(image, settings.size)
+            faces.append(AlignedFace(chip, bbox, "full_frame"))
+        results.append(AlignResult(len(rects), tuple(faces)))
+    return results
 
 
 def encode_png(chip: np.ndarray) -> bytes:

@@ -221,9 +221,27 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
 def _finder(tmp_path: Path, faces: dict[str, Any] | None = None, **knobs: Any) -> annotate.FaceFinder:
     settings = load_settings(annotate=knobs, faces=faces or {})
     model = annotate.ModelRef("unused", "v", 48, "gray")
-    faces = annotate.face_settings(settings.faces, model)
-    return annotate.FaceFinder(annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, model,
-                                            annotate.run_key(model, faces, settings.annotate)))
+    face_settings = annotate.face_settings(settings.faces, model)
+    return annotate.FaceFinder(annotate.Job(str(tmp_path), "", StorageSettings(), face_settings, settings.annotate,
+                                            model, annotate.run_key(model, face_settings, settings.annotate)))
+
+
+def test_grouped_alignment_gives_the_rows_of_one_at_a_time(media_root: tuple[Path, Expected]) -> None:
+    """Frames aligned in groups (detection over the group before landmarks; `annotate.align_group`) give
+    the same draft rows, in the same order, as one frame at a time: over images, video frames, bad
+    files and faceless pictures, with groups that straddle units."""
+    from ferray.media import Ledger
+
+    root, expected = media_root
+    drafts = {}
+    for group in (1, 5):
+        finder = _finder(root, align_group=group, **KNOBS)
+        units = annotate.plan_units(finder.tree, finder.tree.files(), Ledger([], finder.job.run_key), finder.settings)
+        drafts[group] = finder.find(units)[0]
+    assert drafts[5].equals(drafts[1])
+    statuses = set(drafts[1]["status"].to_pylist())
+    assert {"ok", "align:no_face"} <= statuses and len(statuses) > 3, statuses
+    assert drafts[1]["frame_index"].null_count < drafts[1].num_rows, "video frames are among the rows"
 
 
 def test_flip_tta_override_reaches_the_labeller_and_the_run_key(model_dir: Path, tmp_path: Path) -> None:
@@ -234,7 +252,7 @@ def test_flip_tta_override_reaches_the_labeller_and_the_run_key(model_dir: Path,
     face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
     picture = np.full((300, 300), 128, np.uint8)
     picture[60:252, 60:252] = cv2.resize(face, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
-    drafts = pa.Table.from_pylist(_finder(tmp_path)._frame_rows(picture, {}, "x", None, None),
+    drafts = pa.Table.from_pylist(_finder(tmp_path).aligned_rows(picture, {}, "x", None, None),
                                   schema=annotate.DRAFT_SCHEMA)
     assert drafts["status"].to_pylist() == ["ok"]
     chip = np.frombuffer(drafts["chip"][0].as_py(), np.uint8).reshape(1, 48, 48, 1).astype(np.float32)
@@ -263,7 +281,7 @@ def test_upsampling_is_spent_on_small_images_only(policy: str, tmp_path: Path) -
     picture = np.full((240, 320), 128, np.uint8)
     picture[20 : 20 + big.shape[0], 20 : 20 + big.shape[1]] = big
     finder = _finder(tmp_path, upsample=policy)
-    found = [[row["status"] for row in finder._frame_rows(image, {}, "x", None, None)] for image in (face, picture)]
+    found = [[row["status"] for row in finder.aligned_rows(image, {}, "x", None, None)] for image in (face, picture)]
     assert found == ([["ok"], ["align:no_face"]] if policy == "auto" else [["ok"], ["ok"]])
 
 
@@ -276,7 +294,7 @@ def test_large_photos_are_detected_at_a_capped_size(tmp_path: Path) -> None:
         big = cv2.resize(face, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         photo = np.full((3000, 4000), 128, np.uint8)
         photo[1000 : 1000 + big.shape[0], 2500 : 2500 + big.shape[1]] = big
-        rows[(scale, cap)] = _finder(tmp_path, detect_max_side=cap)._frame_rows(photo, {}, "x", None, None)
+        rows[(scale, cap)] = _finder(tmp_path, detect_max_side=cap).aligned_rows(photo, {}, "x", None, None)
     found = rows[(8, 1920)]
     assert [r["status"] for r in found] == ["ok"]
     x, y, w, h = found[0]["bbox"]
@@ -312,8 +330,8 @@ def test_a_minimum_face_width_detects_on_a_smaller_copy(tmp_path: Path) -> None:
     for min_face in (192, 0):
         finder = _finder(tmp_path, faces={"min_face_px": min_face})
         finder.detector = recording = Recording(finder.detector)
-        found[min_face] = finder._frame_rows(frame, {}, "x", None, None)
-        assert [r["status"] for r in finder._frame_rows(blank, {}, "y", None, None)] == ["align:no_face"]
+        found[min_face] = finder.aligned_rows(frame, {}, "x", None, None)
+        assert [r["status"] for r in finder.aligned_rows(blank, {}, "y", None, None)] == ["align:no_face"]
         shapes[min_face] = recording.shapes
     assert shapes[192] == [(300, 533), (62, 62)]
     assert shapes[0] == [(720, 1280), (150, 150), (150, 150)]  # the blank one retried, upsampled
