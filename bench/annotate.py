@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,40 +146,48 @@ class RaySampler(threading.Thread):
         super().__init__(daemon=True)
         self.period, self.stop_event = period, threading.Event()
         self.peak_rss = self.peak_pss = 0
-        self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
+        # A process already running now counts from its CPU time now; one started later from 0.
+        self.first: dict[int, float] = {pid: proctree.cpu_seconds(pid) for pid in proctree.descendants()}
+        self.last: dict[int, float] = dict(self.first)
         self.started = time.process_time()
         self.own = 0.0
-        self.sweeps = 0
+        self.failure: str | None = None
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             begun = time.thread_time()
-            rss = pss = 0
-            for pid in proctree.descendants():
-                r, p = proctree.memory(pid)
-                rss, pss = rss + r, pss + p
-                used = proctree.cpu_seconds(pid)
-                # A process already there at the first sample counts from then; a later one from 0.
-                self.first.setdefault(pid, used if self.sweeps == 0 else 0.0)
-                self.last[pid] = used
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            try:
+                self.sweep()
+            except Exception as error:  # a figure left incomplete is reported, never silently low
+                self.failure = f"{type(error).__name__}: {error}"
             self.own += time.thread_time() - begun
-            self.sweeps += 1
             self.stop_event.wait(self.period)
+
+    def sweep(self) -> None:
+        rss = pss = 0
+        for pid in proctree.descendants():
+            r, p = proctree.memory(pid)
+            rss, pss = rss + r, pss + p
+            self.first.setdefault(pid, 0.0)
+            self.last[pid] = proctree.cpu_seconds(pid)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
     def stop(self) -> None:
         self.stop_event.set()
         self.join()
         self.cpu = sum(self.last[p] - self.first[p] for p in self.last) + time.process_time() - self.started - self.own
+        if self.failure:
+            log.warning("process sampling failed at least once (%s): CPU and memory figures may be low", self.failure)
 
 
 # --------------------------------------------------------------------------- runs
 
 
 def ferray_run(settings: Settings, model: Path, source: Path, out: Path) -> dict[str, Any]:
-    """One annotate run on a fresh 2-CPU local Ray, with its wall time and peak worker memory."""
+    """One annotate run on a fresh 2-CPU local Ray into an empty OUT, with its wall time and peak worker memory."""
     import ray
+
+    shutil.rmtree(out, ignore_errors=True)  # a --work reused by an earlier bench would make this a no-op rerun
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})

@@ -56,5 +56,5 @@ def memory(pid: int) -> tuple[int, int]:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.split()[-1] == "kB"}
         return fields.get("Rss", 0), fields.get("Pss", 0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):  # ended while read: an empty or cut line
         return 0, 0
