@@ -220,13 +220,14 @@ class Tree:
         elif self.kind == "dir":
             if not self.fs.isdir(self.path):
                 raise StorageError(f"not a folder or archive: {self.uri}")
-            # Folder by folder, keeping only (path, size): one listing's info dicts at a time, not all of them.
+            # One flat listing (on S3: pages of 1,000 keys, not a request per folder); only (path, size) is
+            # kept of each object's info, and nothing stays in s3fs's cache (see _s3_options).
             out = []
-            for folder, _, found in self.fs.walk(self.path, detail=True):
-                for name, info in found.items():
-                    full = info.get("name") or join(folder, name)
-                    member = full[len(self.path) :].lstrip("/")
-                    out.append(TreeFile(safe_relpath(member), member, int(info.get("size") or 0)))
+            for full, info in self.fs.find(self.path, detail=True).items():
+                if info.get("type") == "directory":
+                    continue
+                member = full[len(self.path) :].lstrip("/")
+                out.append(TreeFile(safe_relpath(member), member, int(info.get("size") or 0)))
         elif self.kind == "zip":
             archive = self._open_archive()
             assert isinstance(archive, zipfile.ZipFile)
