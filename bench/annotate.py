@@ -45,13 +45,13 @@ from PIL import Image
 from ferray import annotate
 from ferray import io as fio
 from ferray.config import Settings, load_settings
+from ferray.faces import HOG_REACH
 
 import proctree  # bench/proctree.py, beside this script
 
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fer2013.zip"
 FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("bmp", "BMP"), ("tiff", "TIFF"))
 FER_MIN_FACE = 50  # fer's default min_face_size
-HOG_MIN_FACE = 80  # Dlib's frontal HOG window
 log = logging.getLogger("bench.annotate")
 
 
@@ -314,11 +314,11 @@ def cpu_comparison(settings: Settings, model: Path, site: str | None, archive: P
         fer_ms = fer_cpu(site, archive, fer_min_face)
         line += f"; fer {fer_ms:.1f} ms = {2000 / fer_ms:.0f} images/s on 2 CPUs; ferray / fer {fer_ms / (detect_ms + label_ms):.2f}x"
     print(line)
-    if site is not None and fer_min_face < HOG_MIN_FACE:
+    if site is not None and fer_min_face < HOG_REACH:
         # fer's Haar cascade looks for faces from 50 px, Dlib's HOG (upsample 0) from about 80: the same
         # floor for both shows what the detectors cost on equal terms.
-        matched = fer_cpu(site, archive, HOG_MIN_FACE)
-        print(f"fer with min_face_size {HOG_MIN_FACE} (the smallest face Dlib's HOG finds without upsampling): "
+        matched = fer_cpu(site, archive, HOG_REACH)
+        print(f"fer with min_face_size {HOG_REACH} (the smallest face Dlib's HOG finds without upsampling): "
               f"{matched:.1f} ms per image; ferray / fer {matched / (detect_ms + label_ms):.2f}x")
 
 
