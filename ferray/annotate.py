@@ -124,9 +124,8 @@ class _Pending:
     """A decoded image or sampled frame waiting for its group's alignment, and the slot its rows go to."""
 
     image: np.ndarray
-    where: dict[str, Any]
+    where: dict[str, Any]  # the row's source columns, frame_index and timestamp_s included
     path: str
-    frame: int | None
     slot: list[dict[str, Any]]
 
 
@@ -139,14 +138,13 @@ class FaceFinder:
         self.detector = load_detector(job.faces, fetch)
         self.predictor = load_predictor(job.faces, fetch)
         self.tree = io.Tree(job.source, job.storage)
-        # `auto`: a first pass without upsampling; faces.upsample only where it found nothing in a small image.
-        self.first = job.faces.model_copy(update={"upsample": 0})
-        # Not when faces.min_face_px is beyond the first pass's reach: it found every face that wide.
+        # `auto`: a first pass without upsampling; faces.upsample only where it found nothing in a small
+        # image, and not when faces.min_face_px is beyond the first pass's reach (it found every face that wide).
+        auto = job.settings.upsample == "auto"
+        self.first = job.faces.model_copy(update={"upsample": 0}) if auto else job.faces
         reach = detector_reach(self.first)
-        retry = job.settings.upsample == "auto" and job.faces.upsample > 0 and (reach is None or job.faces.min_face_px < reach)
+        retry = auto and job.faces.upsample > 0 and (reach is None or job.faces.min_face_px < reach)
         self.retry_below = job.settings.upsample_below if retry else None
-        if job.settings.upsample == "faces":
-            self.first = job.faces
         self._pending: list[_Pending] = []
         self._pending_pixels = 0
 
@@ -227,7 +225,7 @@ class FaceFinder:
         if small:
             return [{**where, "id": row_id(path, frame, None), "status": TOO_SMALL, "error": small}]
         slot: list[dict[str, Any]] = []
-        self._pending.append(_Pending(image, where, path, frame, slot))
+        self._pending.append(_Pending(image, where, path, slot))
         self._pending_pixels += image.size
         if len(self._pending) >= self.settings.align_group or self._pending_pixels >= GROUP_PIXELS:
             self._flush()
@@ -258,11 +256,12 @@ class FaceFinder:
 
     @staticmethod
     def _face_rows(p: _Pending, result: AlignResult) -> list[dict[str, Any]]:
+        frame = p.where["frame_index"]
         if not result.faces:
-            return [{**p.where, "id": row_id(p.path, p.frame, None), "faces_found": 0, "status": NO_FACE,
+            return [{**p.where, "id": row_id(p.path, frame, None), "faces_found": 0, "status": NO_FACE,
                      "error": "no face detected"}]
         return [
-            {**p.where, "id": row_id(p.path, p.frame, k), "face_index": k, "faces_found": result.faces_found,
+            {**p.where, "id": row_id(p.path, frame, k), "face_index": k, "faces_found": result.faces_found,
              "bbox": list(face.bbox), "status": STATUS_OK, "chip": np.ascontiguousarray(face.chip).tobytes()}
             for k, face in enumerate(result.faces)
         ]
