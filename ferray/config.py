@@ -338,8 +338,9 @@ class FineTuneSettings(Section):
     weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
     warmup_epochs: int = Field(default=1, ge=0)
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
-    # "balanced" weights the loss by inverse class frequency (FER-2013's disgust is 1.5% of train).
-    class_weight: Literal["none", "balanced"] = "none"
+    # "balanced" weights the loss by inverse class frequency (FER-2013's disgust is 1.5% of train),
+    # "sqrt" by its square root: most of the minority's recall for less of the majority's.
+    class_weight: Literal["none", "balanced", "sqrt"] = "none"
     hidden: int = Field(default=256, ge=1, le=16384)
     dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
     # Train-time augmentation, applied to raw faces on the fly.
@@ -348,6 +349,14 @@ class FineTuneSettings(Section):
     rotation_deg: float = Field(default=10.0, ge=0.0, le=180.0)
     zoom: float = Field(default=0.1, ge=0.0, le=0.5)
     erasing: float = Field(default=0.25, ge=0.0, le=1.0)
+    # MixUp / CutMix: the Beta(alpha, alpha) of the mixing share, 0 = off; `mix_prob` of the batches
+    # are mixed (by one of the two at even odds when both are on), the labels in the same proportion.
+    mixup: float = Field(default=0.0, ge=0.0, le=10.0)
+    cutmix: float = Field(default=0.0, ge=0.0, le=10.0)
+    mix_prob: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Momentum of an exponential moving average of the weights, used for validation and kept as the
+    # result (0 = off; 0.999 averages over about the last thousand steps).
+    ema: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Stop after this many epochs without a better val accuracy; 0 = run every epoch.
     patience: int = Field(default=0, ge=0)
     # Stop after the epoch that would cross this wall-clock budget (the schedule is not rescaled).

@@ -9,6 +9,7 @@ under JAX; the result is saved as an ordinary ferray model (backbone + head in o
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import keras
@@ -36,6 +37,81 @@ def augmentation(recipe: FineTuneSettings) -> keras.Sequential:
     if recipe.erasing:
         layers.append(keras.layers.RandomErasing(factor=recipe.erasing, scale=(0.02, 0.2), value_range=(0, 255), seed=recipe.seed))
     return keras.Sequential(layers, name="augment")
+
+
+class MixedBatches(keras.utils.PyDataset):
+    """Shuffled training batches as (float faces, soft labels, per-face loss weights), a share of them
+    mixed by MixUp or CutMix.
+
+    Mixing lives here, in numpy and outside the differentiated graph: it must mix the labels in the
+    same proportion as the faces, which an augmentation layer inside the model cannot, and under JAX
+    augmentation inside the traced step made each step 10-12 s. The shuffle is a function of the seed
+    and the epoch, so a resumed run sees the order an uninterrupted one would.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, recipe: FineTuneSettings, n_classes: int,
+                 class_weight: np.ndarray | None = None, first_epoch: int = 0) -> None:
+        super().__init__()
+        self.x, self.y, self.recipe, self.n_classes = x, y.astype(np.int64), recipe, n_classes
+        self.class_weight = None if class_weight is None else np.asarray(class_weight, np.float32)
+        self.epoch = first_epoch
+        self._order()
+
+    def _order(self) -> None:
+        self.rng = np.random.default_rng([self.recipe.seed, self.epoch])
+        self.order = self.rng.permutation(len(self.y))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.recipe.batch_size)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._order()
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = self.order[index * self.recipe.batch_size:(index + 1) * self.recipe.batch_size]
+        x = self.x[rows].astype(np.float32)
+        y = np.eye(self.n_classes, dtype=np.float32)[self.y[rows]]
+        rng = np.random.default_rng([self.recipe.seed, self.epoch, index])
+        kind = mix_kind(self.recipe, rng)
+        if kind is not None:
+            x, y = mix(x, y, kind, self.recipe.mixup if kind == "mixup" else self.recipe.cutmix, rng)
+        weights = np.ones(len(rows), np.float32) if self.class_weight is None else y @ self.class_weight
+        return x, y, weights
+
+
+def mix_kind(recipe: FineTuneSettings, rng: np.random.Generator) -> Literal["mixup", "cutmix"] | None:
+    """Which mix a batch gets: none with probability 1 - mix_prob, else MixUp or CutMix (even odds if both are on)."""
+    kinds: list[Literal["mixup", "cutmix"]] = [k for k in ("mixup", "cutmix") if getattr(recipe, k) > 0]
+    if not kinds or rng.random() >= recipe.mix_prob:
+        return None
+    return kinds[int(rng.integers(len(kinds)))]
+
+
+def mix(x: np.ndarray, y: np.ndarray, kind: Literal["mixup", "cutmix"], alpha: float,
+        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with a shuffled copy of itself;
+    the labels are mixed by the share of each face actually kept."""
+    partner = rng.permutation(len(x))
+    lam = float(rng.beta(alpha, alpha))
+    if kind == "mixup":
+        return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]
+    height, width = x.shape[1:3]
+    cut_h, cut_w = int(round(height * math.sqrt(1 - lam))), int(round(width * math.sqrt(1 - lam)))
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
+    x = x.copy()
+    x[:, top:bottom, left:right] = x[partner, top:bottom, left:right]
+    kept = 1.0 - (bottom - top) * (right - left) / (height * width)
+    return x, kept * y + (1 - kept) * y[partner]
+
+
+def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> list[np.ndarray]:
+    """The model's weights with each trainable one replaced by its exponential moving average
+    (batch-norm statistics stay as they are). The same private slots SwapEMAWeights reads."""
+    averages = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+    return [np.asarray(keras.ops.convert_to_numpy(averages.get(id(v), v))) for v in model.weights]
 
 
 def unfreeze(backbone: keras.Model, how: int | Literal["all"]) -> int:
@@ -92,8 +168,9 @@ def training_model(model: keras.Model, recipe: FineTuneSettings, steps_per_epoch
     inputs = keras.Input(shape=model.input_shape[1:], name="face")
     augment = augmentation(recipe)
     trainer = keras.Model(inputs, model(augment(inputs) if augment.layers else inputs), name="ferray_finetune")
+    ema = {"use_ema": True, "ema_momentum": recipe.ema} if recipe.ema else {}
     trainer.compile(
-        optimizer=keras.optimizers.AdamW(warmup_cosine(recipe, steps_per_epoch), weight_decay=recipe.weight_decay),
+        optimizer=keras.optimizers.AdamW(warmup_cosine(recipe, steps_per_epoch), weight_decay=recipe.weight_decay, **ema),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
         metrics=["accuracy"],
     )

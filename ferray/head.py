@@ -76,16 +76,20 @@ def compile_head(model: Any, keras_module: ModuleType, train: TrainSettings, **c
 
 
 def class_weights(
-    counts: Sequence[int], mode: Literal["none", "balanced"]
+    counts: Sequence[int], mode: Literal["none", "balanced", "sqrt"]
 ) -> np.ndarray | None:
-    """Per-class loss weights: `balanced` = n / (classes_present × count), as scikit-learn defines it."""
+    """Per-class loss weights: `balanced` = n / (classes_present × count), as scikit-learn defines it;
+    `sqrt` its square root, rescaled so the average face weighs 1 as well."""
     if mode == "none":
         return None
     counts_array = np.asarray(counts, dtype=np.float64)
     present = counts_array > 0
     weights = np.zeros(len(counts_array), dtype=np.float32)
     weights[present] = counts_array.sum() / (present.sum() * counts_array[present])
-    return weights
+    if mode == "sqrt":
+        weights = np.sqrt(weights)
+        weights *= counts_array.sum() / float((weights * counts_array).sum())
+    return weights.astype(np.float32)
 
 
 def one_hot(labels: np.ndarray, n_classes: int = len(LABELS)) -> np.ndarray:

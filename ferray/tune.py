@@ -157,7 +157,8 @@ def tune_worker(config: dict[str, Any]) -> None:
             state.epochs_done = epoch + 1
             if row.get("val_accuracy", 0.0) > state.best_val_accuracy:
                 state.best_epoch, state.best_val_accuracy = epoch + 1, row.get("val_accuracy", 0.0)
-                state.best_weights = model.get_weights()
+                state.best_weights = (finetune.averaged_weights(model, trainer.optimizer) if recipe.ema
+                                      else model.get_weights())
             spent = sum(r["seconds"] for r in state.history)
             over_budget = recipe.time_budget_s is not None and spent + row["seconds"] > recipe.time_budget_s
             stale = recipe.patience and epoch + 1 - state.best_epoch >= recipe.patience
@@ -172,12 +173,16 @@ def tune_worker(config: dict[str, Any]) -> None:
             log.info("fine-tune epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
 
     weights = head.class_weights(np.bincount(y, minlength=len(LABELS)).tolist(), recipe.class_weight)
+    batches = finetune.MixedBatches(x, y, recipe, len(LABELS), weights, first_epoch=state.epochs_done)
+    callbacks: list[keras.callbacks.Callback] = [EpochEnd()]
+    if recipe.ema:
+        # Validation sees the averaged weights; EpochEnd (after it in the list) then finds the raw ones back.
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights())
     trainer.fit(
-        x, keras.utils.to_categorical(y, len(LABELS)),
+        batches,
         validation_data=(x_val, keras.utils.to_categorical(y_val, len(LABELS))) if len(y_val) else None,
-        batch_size=recipe.batch_size, epochs=recipe.epochs, initial_epoch=state.epochs_done, shuffle=True,
-        class_weight=None if weights is None else dict(enumerate(weights.tolist())),
-        callbacks=[EpochEnd()], verbose=0,
+        epochs=recipe.epochs, initial_epoch=state.epochs_done,
+        callbacks=callbacks, verbose=0,
     )
 
 
