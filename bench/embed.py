@@ -26,7 +26,7 @@ from ferray import io as fio
 from ferray.backbone import BackboneWeightsError, build_backbone, resolve_weights
 from ferray.config import load_settings
 from ferray.runtime import ensure_ray
-from ferray.shards import shard_stats
+from ferray.executor import shard_stats
 
 CASES = {"lite0-48": ("efficientnet-lite0", 48), "lite0-112": ("efficientnet-lite0", 112),
          "b0-48": ("efficientnet-b0", 48), "b0-112": ("efficientnet-b0", 112)}

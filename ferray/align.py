@@ -5,32 +5,44 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ferray import io
+from ferray import executor, io
 from ferray.config import FacesSettings, Settings, StorageSettings
 from ferray.faces import AlignStage
 from ferray.schema import ALIGNED_SCHEMA, FACE, FACE_SOURCE, FACES_FOUND
-from ferray.shards import StageSpec, Summary, run_stage
+from ferray.executor import Resources, RowStage, Summary, upstream_units
 
 log = logging.getLogger(__name__)
 CONTACT_SHEET = "contact_sheet.png"
 
 
-@dataclass(frozen=True)
-class AlignFactory:
-    """Builds the stage inside each Ray actor, with remote model files fetched there."""
+class Align(RowStage):
+    """The align stage: Dlib models loaded once per actor (remote model files fetched there)."""
 
-    faces: FacesSettings
-    storage: StorageSettings
+    name = "align"
+    version = 1
+    schema = ALIGNED_SCHEMA
 
-    def __call__(self) -> AlignStage:
-        return AlignStage(self.faces, fetch=functools.partial(io.fetch_cached, storage=self.storage))
+    def __init__(self, faces: FacesSettings, storage: StorageSettings) -> None:
+        super().__init__(storage)
+        self.faces = faces
+        self.resources = Resources(num_cpus=AlignStage.NUM_CPUS, batch_size=AlignStage.BATCH_SIZE)
+        self.stage: AlignStage | None = None
+
+    def setup(self) -> None:
+        self.stage = AlignStage(self.faces, fetch=functools.partial(io.fetch_cached, storage=self.storage))
+
+    def batch(self, table: pa.Table) -> pa.Table:
+        assert self.stage is not None
+        return self.stage.table(table)
+
+    def extra_stats(self, table: pa.Table) -> dict[str, int]:
+        return align_stats(table)
 
 
 def align_stats(table: pa.Table) -> dict[str, int]:
@@ -41,17 +53,6 @@ def align_stats(table: pa.Table) -> dict[str, int]:
         "full_frame": sources.count("full_frame"),
         "faces_found": int(pc.sum(table[FACES_FOUND]).as_py() or 0),
     }
-
-
-def spec(settings: Settings, storage: StorageSettings) -> StageSpec:
-    return StageSpec(
-        name="align",
-        factory=AlignFactory(settings.faces, storage),
-        schema=ALIGNED_SCHEMA,
-        config=settings.faces.model_dump(mode="json"),
-        extra_stats=align_stats,
-        num_cpus=AlignStage.NUM_CPUS,
-    )
 
 
 def contact_sheet(out: str, storage: StorageSettings, count: int = 64, seed: int = 0) -> np.ndarray | None:
@@ -77,7 +78,8 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     storage = settings.storage.resolved()
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
-    summary = run_stage(spec(settings, storage), source, out, storage, settings.ray)
+    units = upstream_units(source, storage, {"stage": "align", **settings.faces.model_dump(mode="json")})
+    summary = executor.run(Align(settings.faces, storage), units, source, out, storage, settings.ray)
     # An empty input (an empty SOURCE upstream) has no faces to show, and OUT no shards to list.
     sheet = contact_sheet(out, storage) if summary.by_status.get("ok") else None
     if sheet is not None:
@@ -88,5 +90,5 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     detected = summary.extra.get("detected", 0)
     log.info("align: %d ok rows, %d detected (%.1f%%), %d full frame", ok_rows, detected,
              100.0 * detected / max(ok_rows, 1), summary.extra.get("full_frame", 0))
-    io.write_json(io.join(out, io.META, "align.json"), {"summary": summary.to_dict(), "settings": settings.public_dict()}, storage)
+    executor.write_meta(out, summary, settings, storage)
     return summary

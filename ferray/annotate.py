@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import pickle
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -18,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ferray import io, media, video
+from ferray import executor, io, media, video
 from ferray.config import AnnotateSettings, FacesSettings, Settings, StorageSettings
 from ferray.faces import TOO_SMALL, AlignResult, align_images, detector_reach, load_detector, load_predictor, too_small
 from ferray.images import DecodeError, open_checked, to_array
 from ferray.media import Ledger, MediaError, ShardRecord, Unit
 from ferray.schema import ANNOTATION_SCHEMA, LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
-from ferray.shards import Summary, shard_stats
+from ferray.executor import Part, Resources, ShardUnit, Stage, Summary, shard_stats
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,17 @@ def face_settings(faces: FacesSettings, model: ModelRef) -> FacesSettings:
 
 
 def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -> str:
-    """What output rows depend on: the model version and the settings that change rows or units."""
+    """What output rows depend on: the stage itself, the model version and the settings that change rows or units."""
     knobs = {
+        "stage": AnnotateStage.identity(),
         "model_version": model.version,
         "faces": faces.model_dump(mode="json"),
         "sampling": {k: getattr(settings, k) for k in ("fps", "every_nth", "segment_seconds", "max_faces")},
         "detect_max_side": settings.detect_max_side,
+        # The mirrored pass as it will run: the model's own choice unless the settings override it.
+        "flip_tta": model.flip_tta if settings.flip_tta is None else settings.flip_tta,
+        "detect": {"upsample": settings.upsample, "upsample_below": settings.upsample_below},
     }
-    if settings.flip_tta not in (None, model.flip_tta):  # the model's own choice keeps earlier runs' key
-        knobs["flip_tta"] = settings.flip_tta
-    if settings.upsample == "auto" and faces.upsample > 0:  # runs before this setting keep their key
-        knobs["detect"] = {"upsample": "auto", "upsample_below": settings.upsample_below}
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -342,64 +342,59 @@ def annotation_stats(shard: str, table: pa.Table, units: list[Unit] | tuple[medi
     return stats
 
 
-def write_shard(job: Job, shard: str, fingerprint: str, table: pa.Table, units: list[Unit],
-                counters: dict[str, float]) -> dict[str, Any]:
-    stats = annotation_stats(shard, table, units, job.run_key, job.model.version, counters)
-    io.ShardSink(job.out, job.storage).write(shard, table, fingerprint, stats)
-    return stats
+class Detect(Part):
+    """Units -> draft rows with raw chips (CPU; Dlib models and the SOURCE tree opened once per actor)."""
+
+    resources = Resources(num_cpus=1.0, tasks_per_actor=2)
+
+    def __init__(self, job: Job, resources: Resources) -> None:
+        self.job, self.resources = job, resources
+        self.finder: FaceFinder | None = None
+
+    def setup(self) -> None:
+        self.finder = FaceFinder(self.job)
+
+    def __call__(self, payload: Any, table: pa.Table | None, extra: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+        assert self.finder is not None
+        return self.finder.find(payload)
 
 
-# --------------------------------------------------------------------------- Ray Data actors
+class Label(Part):
+    """Draft rows -> annotation rows (the Keras model loaded once per actor, on its GPU when it has one)."""
+
+    def __init__(self, job: Job, resources: Resources) -> None:
+        self.job, self.resources = job, resources
+        self.labeller: Labeller | None = None
+
+    def setup(self) -> None:
+        self.labeller = Labeller(self.job)
+
+    def __call__(self, payload: Any, table: pa.Table | None, extra: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+        assert self.labeller is not None and table is not None
+        return self.labeller(table), extra
 
 
-class AnnotateWorker:
-    """Fused actor (CPU): Dlib and the Keras model built once; a whole shard in, its stats out."""
+class AnnotateStage(Stage):
+    """Detection then labelling of packed media units; a shard's stats carry its units (the ledger)."""
 
-    def __init__(self, job: Job) -> None:
-        self.job, self.finder, self.labeller = job, FaceFinder(job), Labeller(job)
+    name = "annotate"
+    version = 1
+    schema = ANNOTATION_SCHEMA
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for shard, fingerprint, blob in zip(batch["shard"], batch["fingerprint"], batch["units"]):
-            units = pickle.loads(blob)
-            drafts, counters = self.finder.find(units)
-            out.append(json.dumps(write_shard(self.job, str(shard), str(fingerprint), self.labeller(drafts), units, counters)))
-        return {"stats": np.array(out, dtype=object)}
+    def __init__(self, job: Job, actors: Actors) -> None:
+        settings = job.settings
+        # Two shards queued per actor: the next is at hand when one ends, and no actor holds a backlog
+        # while another has run dry.
+        self.resources = Resources(settings.num_cpus, settings.num_gpus, pool_size=actors.detect, tasks_per_actor=2)
+        self.detect = Detect(job, Resources(1.0, pool_size=actors.detect, tasks_per_actor=2))
+        self.label = Label(job, Resources(actors.label_cpus, settings.num_gpus, pool_size=actors.label, tasks_per_actor=2))
+        self.job = job
 
+    def parts(self) -> tuple[Part, ...]:
+        return (self.detect, self.label)
 
-class DetectWorker:
-    """Split mode, CPU actors: units → draft rows with chips, handed on as Arrow IPC."""
-
-    def __init__(self, job: Job) -> None:
-        self.finder = FaceFinder(job)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        drafts, counters = [], []
-        for blob in batch["units"]:
-            table, found = self.finder.find(pickle.loads(blob))
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
-            drafts.append(sink.getvalue().to_pybytes())
-            counters.append(json.dumps(found))
-        return {**batch, "drafts": np.array(drafts, dtype=object), "counters": np.array(counters, dtype=object)}
-
-
-class LabelWorker:
-    """Split mode, GPU (or CPU) actors: classify a shard's drafts and write it."""
-
-    def __init__(self, job: Job) -> None:
-        self.job, self.labeller = job, Labeller(job)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for shard, fingerprint, blob, drafts, counters in zip(
-                batch["shard"], batch["fingerprint"], batch["units"], batch["drafts"], batch["counters"]):
-            table = pa.ipc.open_stream(pa.py_buffer(drafts)).read_all()
-            stats = write_shard(self.job, str(shard), str(fingerprint), self.labeller(table), pickle.loads(blob),
-                                json.loads(counters))
-            out.append(json.dumps(stats))
-        return {"stats": np.array(out, dtype=object)}
+    def stats(self, shard: str, table: pa.Table, payload: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        return annotation_stats(shard, table, payload, self.job.run_key, self.job.model.version, extra)
 
 
 def _pools(settings: AnnotateSettings) -> str:
@@ -420,7 +415,7 @@ def plan_actors(settings: AnnotateSettings, cpus: int, gpus: float) -> Actors:
     """Actor counts for the cluster: detection on every CPU; classification on GPUs, or on one actor
     per `label_every` CPUs that holds no CPU (a tenth of the work, TensorFlow loaded once)."""
     if settings.num_gpus and gpus < settings.num_gpus:
-        raise ValueError(f"annotate.num_gpus={settings.num_gpus} but the cluster has {gpus:g} GPUs")
+        raise InputError(f"annotate.num_gpus={settings.num_gpus} but the cluster has {gpus:g} GPUs")
     pools = _pools(settings)
     if pools == "fused":
         size = max(1, int(cpus // settings.num_cpus))
@@ -434,40 +429,20 @@ def plan_actors(settings: AnnotateSettings, cpus: int, gpus: float) -> Actors:
 
 
 def execute(job: Job, units: list[Unit], listed: int, ray_settings: Any) -> Iterator[dict[str, Any]]:
-    """Pack the units (of a SOURCE listing `listed` files) into shards and run them on one Ray Data
-    graph; yields each shard's stats as it is written."""
-    import ray
-
-    from ferray.runtime import cluster_cpus, ensure_ray
+    """Pack the units (of a SOURCE listing `listed` files) into shards sized for the cluster's actors and
+    run them on the executor; yields each shard's stats as it is written."""
+    from ferray.runtime import ensure_ray
 
     ensure_ray(ray_settings)
-    settings = job.settings
-    actors = plan_actors(settings, cluster_cpus(), float(ray.cluster_resources().get("GPU", 0)))
-    shards = media.pack(units, media.for_actors(listed, settings, actors.detect))
-    items = []
-    for shard in shards:
-        name, fingerprint = media.shard_identity(job.run_key, shard)
-        items.append({"shard": name, "fingerprint": fingerprint, "units": pickle.dumps(shard)})
-    detect, label = min(len(items), actors.detect), min(len(items), actors.label)
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    common = {"fn_constructor_kwargs": {"job": job}, "batch_size": 1}
-    # Two shards queued per actor: the next is at hand when one ends, and no actor holds a backlog
-    # while another has run dry.
-    pool = functools.partial(ray.data.ActorPoolStrategy, max_tasks_in_flight_per_actor=2)
-    if actors.pools == "fused":
-        log.info("annotate: %d units in %d shards on %d fused actors", len(units), len(items), detect)
-        dataset = dataset.map_batches(AnnotateWorker, compute=pool(size=detect),
-                                      num_cpus=settings.num_cpus, num_gpus=settings.num_gpus or None, **common)
-    else:
-        log.info("annotate: %d units in %d shards on %d detect actors and %d classify actors",
-                 len(units), len(items), detect, label)
-        dataset = dataset.map_batches(DetectWorker, compute=pool(size=detect), num_cpus=1, **common)
-        dataset = dataset.map_batches(LabelWorker, compute=pool(size=label), num_cpus=actors.label_cpus,
-                                      num_gpus=settings.num_gpus or None, **common)
-    for done, row in enumerate(dataset.iter_rows(), start=1):
-        stats = json.loads(row["stats"])
-        log.info("annotate: shard %s written (%d/%d): %d rows", stats["shard"], done, len(items), stats["rows"])
-        yield stats
+    cpus, gpus = executor.cluster()
+    actors = plan_actors(job.settings, cpus, gpus)
+    stage = AnnotateStage(job, actors)
+    shards = media.pack(units, media.for_actors(listed, job.settings, actors.detect))
+    items = [executor.item(stage, ShardUnit(*media.shard_identity(job.run_key, shard), shard)) for shard in shards]
+    log.info("annotate: %d units in %d shards on %s", len(units), len(items),
+             f"{min(len(items), actors.detect)} fused actors" if actors.pools == "fused" else
+             f"{min(len(items), actors.detect)} detect actors and {min(len(items), actors.label)} classify actors")
+    yield from executor.execute(stage, items, job.out, job.storage, ray_settings, pools=actors.pools)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- planning on the driver

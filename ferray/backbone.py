@@ -18,6 +18,7 @@ import numpy as np
 
 from ferray import lite0
 from ferray.config import BackboneSettings
+from ferray.errors import FerrayError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 _KERAS_PREPROCESSING = "keras-efficientnet:x/255,imagenet-mean-std"
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(FerrayError, RuntimeError):
     """No usable backbone weights; the message names every place that was tried."""
 
 

@@ -18,6 +18,7 @@ from ferray import io, scoring
 from ferray import model as artifacts
 from ferray.config import Settings
 from ferray.schema import LABELS
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     NLL is convex in 1/T, so a bounded scalar search over log T finds the one minimum.
     """
     if len(labels) == 0:
-        raise ValueError("no labelled rows to fit a temperature on")
+        raise InputError("no labelled rows to fit a temperature on")
     probs = np.asarray(probs, np.float64)
 
     def loss(log_t: float) -> float:
@@ -128,7 +129,7 @@ def calibrate(settings: Settings, model_uri: str, val_data: str, split: str = "v
     rows = scoring.select(val_data, storage, artifact.meta.get("backbone", {}).get("fingerprint"), split,
                           settings.evaluate.reuse_embeddings)
     if len(rows) == 0:
-        raise ValueError(f"no labelled {split} rows in {val_data} to fit a temperature on "
+        raise InputError(f"no labelled {split} rows in {val_data} to fit a temperature on "
                          f"(skipped {dict(rows.skipped)})")
     probs, _, _ = scoring.raw_probabilities(artifact, rows, settings.evaluate.batch_size)
     temperature = fit_temperature(probs, rows.labels)

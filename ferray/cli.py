@@ -8,102 +8,12 @@ import sys
 from typing import Any, Callable, Sequence
 
 from ferray import __version__
-from ferray.config import ConfigError, Settings, load_settings
-from ferray.io import StorageError
+from ferray.config import Settings, load_settings
+from ferray.errors import EXIT_CANNOT_RUN, EXIT_CONFIG, FerrayError
 from ferray.logs import redact, secrets_of
-from ferray.schema import LABELS
 
 log = logging.getLogger("ferray")
-
-EXIT_CONFIG = 2
-EXIT_CANNOT_RUN = 3
-
-
-def _print_evaluation(data: dict[str, Any]) -> None:
-    lines = [f"ferray evaluate: {data['model']} on {data['source']} -> {data['out']}"]
-    lines.append(f"  split {data['split']} ({data['path']} path): {data['rows']} rows   accuracy "
-                 f"{100 * data['accuracy']:.2f}%   macro-F1 {100 * data['macro_f1']:.2f}%   ECE {data['ece']:.3f}   "
-                 f"time: {data['seconds']:.1f} s")
-    paper = data.get("paper") or {}
-    if paper.get("applies"):
-        lines.append(f"  paper: {paper['paper']['accuracy']:.2f}% ({paper['paper']['where']})")
-    elif paper.get("note"):
-        lines.append(f"  paper: {paper['note']}")
-    if data["skipped"]:
-        lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(data["skipped"].items())))
-    if data.get("calibration"):
-        fit = data["calibration"]
-        lines.append(f"  calibrated: temperature {fit['temperature']:.3f} on {fit['rows']} {fit['split']} rows of {fit['data']}")
-    lines.append(f"  report: {data['out'].rstrip('/')}/report.md")
-    print("\n".join(lines))
-
-
-def _print_training(data: dict[str, Any]) -> None:
-    rows = ", ".join(f"{k} {v}" for k, v in data["rows"].items())
-    skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
-    print("\n".join([
-        f"ferray train: {data['model_out']}   time: {data['seconds']:.1f} s ({data['seconds_per_epoch']:.2f} s/epoch)",
-        f"  rows: {rows}; skipped: {skipped}",
-        f"  epochs run: {data['epochs_run']} (best {data['best_epoch']}, starts {data['starts']})",
-        f"  val accuracy {_percent(data['val_accuracy'])}, test accuracy {_percent(data['test_accuracy'])}",
-        f"  model: {data['model_out']}/model.keras + ferray.json",
-    ]))
-
-
-def _print_pipeline(data: dict[str, Any]) -> None:
-    lines = [f"ferray pipeline: {data['workdir']}   time: {data['seconds']:.1f} s"]
-    for row in data["rows"]:
-        lines.append(f"  {row['backbone']}: model {row['model']}  (val accuracy {_percent(row['val_accuracy'])})")
-        for target, report in row["reports"].items():
-            lines.append(f"    {target} {report['split']} ({report['rows']} rows): accuracy {_percent(report['accuracy'])}, "
-                         f"macro-F1 {_percent(report['macro_f1'])}  -> {report['report']}/report.md")
-    lines.append(f"  sweep table: {data['workdir']}/sweep.md")
-    print("\n".join(lines))
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-def _print_summary(summary: Any) -> None:
-    data = summary.to_dict()
-    if "run_name" in data:  # a TrainResult
-        _print_training(data)
-        return
-    if data["stage"] == "evaluate":
-        _print_evaluation(data)
-        return
-    if data["stage"] == "demo":
-        _print_pipeline(data["pipeline"])
-        print(f"ferray demo: model used for annotation: {data['model']}\n"
-              f"  report:      {data['report']}\n  annotations: {data['annotations']}")
-        return
-    if data["stage"] == "pipeline":
-        _print_pipeline(data)
-        return
-    if data["stage"] == "retrain":
-        _print_pipeline(data["pipeline"])
-        print(f"ferray retrain: {summary.line()}")
-        return
-    lines = [f"ferray {data['stage']}: {data['source']} -> {data['out']}"]
-    lines.append(f"  rows in: {data['rows']}   ok: {data['by_status'].get('ok', 0)}   time: {data['seconds']:.1f} s")
-    lines.append(f"  shards: {data['shards_written']} written, {data['shards_skipped']} skipped (already complete)")
-    lines.append("  by status: " + ", ".join(f"{k} {v}" for k, v in sorted(data["by_status"].items())))
-    table = data.get("by_split_label") or {}
-    if table:
-        seen = {name for counts in table.values() for name in counts}
-        classes = [c for c in LABELS if c in seen] + sorted(seen - set(LABELS))
-        width = max(10, *(len(c) + 1 for c in classes))
-        lines.append("  ok rows by split x class:")
-        lines.append("    " + "split".ljust(8) + "".join(c.rjust(width) for c in classes) + "total".rjust(width))
-        for split, counts in table.items():
-            cells = "".join(str(counts.get(c, 0)).rjust(width) for c in classes)
-            lines.append("    " + split.ljust(8) + cells + str(sum(counts.values())).rjust(width))
-    if data.get("extra"):
-        lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(data["extra"].items())))
-    if data.get("ignored"):
-        lines.append("  not rows (by design): " + ", ".join(f"{k} {v}" for k, v in sorted(data["ignored"].items())))
-    print("\n".join(lines))
+__all__ = ["EXIT_CANNOT_RUN", "EXIT_CONFIG", "main"]
 
 
 def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> Any:
@@ -265,22 +175,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     handler: Callable[[Settings, argparse.Namespace], Any] = args.handler
+    # Only ferray's own errors become a one-line exit; anything else is a bug and raises with its traceback.
     try:
         settings = load_settings(args.config, **_overrides(args.overrides(args)))
-    except ConfigError as error:
-        print(f"ferray: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    redact(secrets_of(settings.storage.resolved()))  # before any library can log a request with them
-    try:
+        redact(secrets_of(settings.storage.resolved()))  # before any library can log a request with them
         summary = handler(settings, args)
-    except ConfigError as error:
-        print(f"ferray: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (StorageError, ValueError, FileNotFoundError) as error:
-        print(f"ferray: cannot run: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    _print_summary(summary)
+    except FerrayError as error:
+        print(f"ferray: {_reason(error)}", file=sys.stderr)
+        return error.exit_code
+    print(summary.render())
     return 0
+
+
+def _reason(error: FerrayError) -> str:
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"config error: {line}" if error.exit_code == EXIT_CONFIG else f"cannot run: {line}"
 
 
 if __name__ == "__main__":

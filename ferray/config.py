@@ -16,12 +16,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from ferray.errors import ConfigError
+
 # The YAML file of the current load; a context variable keeps `load_settings` re-entrant.
 _YAML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ferray_yaml", default=None)
-
-
-class ConfigError(ValueError):
-    """A setting is missing, unknown or invalid; the message is one line naming the field."""
 
 
 class Section(BaseModel):

@@ -44,6 +44,10 @@ class DemoSummary:
         return {"stage": self.stage, "out": self.out, "report": self.report, "annotations": self.annotations,
                 "model": self.model, "pipeline": self.pipeline, "annotate": self.annotate}
 
+    def render(self) -> str:
+        return (f"{pipeline.render_pipeline(self.pipeline)}\nferray demo: model used for annotation: {self.model}\n"
+                f"  report:      {self.report}\n  annotations: {self.annotations}")
+
 
 def demo_settings(settings: Settings, target: Path) -> Settings:
     """The user's settings with the demo's data, folders and a short training run."""

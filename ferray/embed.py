@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
-from ferray import io
-from ferray.config import BackboneSettings, FacesSettings, Settings, StorageSettings
+from ferray import executor, io
+from ferray.config import BackboneSettings, Settings, StorageSettings
 from ferray.schema import BACKBONE, EMBEDDED_SCHEMA, EMBEDDING, FACE, STATUS_OK, status
-from ferray.shards import StageSpec, Summary, run_stage
+from ferray.executor import Resources, RowStage, ShardUnit, Summary, upstream_units
 
 log = logging.getLogger(__name__)
 
@@ -50,72 +50,73 @@ def decode_faces(faces: list[bytes], size: int, channels: int) -> np.ndarray:
     return out
 
 
-class EmbedStage:
-    """Ray Data stage: the frozen backbone built once per actor, applied to batches of aligned faces."""
+class Embed(RowStage):
+    """The embed stage: the frozen backbone built once per actor, applied to batches of aligned faces."""
 
-    NUM_CPUS: ClassVar[float] = 1.0
-    BATCH_SIZE: ClassVar[int] = 128
+    name = "embed"
+    version = 1
+    schema = EMBEDDED_SCHEMA
 
     def __init__(self, backbone: BackboneSettings, face_size: int, storage: StorageSettings) -> None:
+        super().__init__(storage)
+        self.backbone, self.face_size, self.channels = backbone, face_size, backbone.channels
+        self.resources = Resources(num_cpus=backbone.num_cpus, num_gpus=backbone.num_gpus, batch_size=backbone.batch_size)
+        self.model: Any = None
+        self.fingerprint = ""
+
+    def setup(self) -> None:
         from ferray.backbone import backbone_fingerprint, build_backbone, resolve_weights
 
-        configure_tensorflow(max(1, int(backbone.num_cpus)), backbone.num_gpus > 0)
-        fetch = functools.partial(io.fetch_cached, storage=storage)
-        weights = resolve_weights(backbone, fetch)
-        self.model = build_backbone(backbone, fetch, weights=weights, image_size=face_size)
-        self.fingerprint = backbone_fingerprint(backbone, weights, image_size=face_size)
-        self.face_size, self.channels = face_size, backbone.channels
-        self.BATCH_SIZE = backbone.batch_size
+        configure_tensorflow(max(1, int(self.backbone.num_cpus)), self.backbone.num_gpus > 0)
+        fetch = functools.partial(io.fetch_cached, storage=self.storage)
+        weights = resolve_weights(self.backbone, fetch)
+        self.model = build_backbone(self.backbone, fetch, weights=weights, image_size=self.face_size)
+        self.fingerprint = backbone_fingerprint(self.backbone, weights, image_size=self.face_size)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["status"])
-        embeddings = np.empty(n, dtype=object)
-        names = np.empty(n, dtype=object)
-        statuses = batch["status"].copy()
-        errors = batch["error"].copy()
-        rows = [i for i in range(n) if statuses[i] == STATUS_OK]
-        decodable = []
-        faces = []
-        for i in rows:
+    def batch(self, table: pa.Table) -> pa.Table:
+        """Adds `embedding` and `backbone`; a face that does not decode becomes `embed:bad_face`."""
+        statuses = table["status"].to_pylist()
+        errors = table["error"].to_pylist()
+        faces = table[FACE]
+        decodable, pixels = [], []
+        for i in (i for i, s in enumerate(statuses) if s == STATUS_OK):
             try:
-                faces.append(decode_faces([batch[FACE][i]], self.face_size, self.channels)[0])
+                pixels.append(decode_faces([faces[i].as_py()], self.face_size, self.channels)[0])
                 decodable.append(i)
             except (ValueError, TypeError, cv2.error) as error:
                 statuses[i], errors[i] = status("embed", "bad_face"), str(error)[:200]
+        embeddings: list[np.ndarray | None] = [None] * table.num_rows
+        names: list[str | None] = [None] * table.num_rows
         if decodable:
-            vectors = np.asarray(self.model.predict_on_batch(np.stack(faces)), np.float32)
+            vectors = np.asarray(self.model.predict_on_batch(np.stack(pixels)), np.float32)
             for i, vector in zip(decodable, vectors):
-                embeddings[i] = vector
-                names[i] = self.fingerprint
-        out = dict(batch)
-        out.update({"status": statuses, "error": errors, EMBEDDING: embeddings, BACKBONE: names})
-        return out
+                embeddings[i], names[i] = vector, self.fingerprint
+        out = table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
+        out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+        return out.append_column(EMBEDDING, embedding_column(embeddings)).append_column(BACKBONE, pa.array(names, pa.string()))
 
 
-@dataclass(frozen=True)
-class EmbedFactory:
-    backbone: BackboneSettings
-    faces: FacesSettings
-    storage: StorageSettings
+def embedding_column(vectors: list[np.ndarray | None]) -> pa.Array:
+    """list<float32> from numpy vectors without a Python float per value (nulls where None)."""
+    present = [v for v in vectors if v is not None]
+    flat = np.concatenate(present).astype(np.float32) if present else np.empty(0, np.float32)
+    offsets, mask, at = [0], [], 0
+    for vector in vectors:
+        at += 0 if vector is None else len(vector)
+        offsets.append(at)
+        mask.append(vector is None)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float32()),
+                                    mask=pa.array(mask, pa.bool_()))
 
-    def __call__(self) -> EmbedStage:
-        return EmbedStage(self.backbone, self.faces.size, self.storage)
 
-
-def spec(settings: Settings, storage: StorageSettings) -> StageSpec:
+def units(settings: Settings, source: str, storage: StorageSettings) -> list[ShardUnit]:
     from ferray.backbone import backbone_fingerprint
 
     fetch = functools.partial(io.fetch_cached, storage=storage)
     # The fingerprint names the backbone, its weights' sha256, sizes and preprocessing: the cache key.
     identity = backbone_fingerprint(settings.backbone, fetch=fetch, image_size=settings.faces.size)
-    return StageSpec(
-        name="embed",
-        factory=EmbedFactory(settings.backbone, settings.faces, storage),
-        schema=EMBEDDED_SCHEMA,
-        config={"backbone": identity, "face_size": settings.faces.size, "batch_size": settings.backbone.batch_size},
-        num_cpus=settings.backbone.num_cpus,
-        num_gpus=settings.backbone.num_gpus,
-    )
+    return upstream_units(source, storage, {"stage": "embed", "backbone": identity, "face_size": settings.faces.size,
+                                            "batch_size": settings.backbone.batch_size})
 
 
 def run(settings: Settings, source: str, out: str) -> Summary:
@@ -123,6 +124,7 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     storage = settings.storage.resolved()
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
-    summary = run_stage(spec(settings, storage), source, out, storage, settings.ray)
-    io.write_json(io.join(out, io.META, "embed.json"), {"summary": summary.to_dict(), "settings": settings.public_dict()}, storage)
+    stage = Embed(settings.backbone, settings.faces.size, storage)
+    summary = executor.run(stage, units(settings, source, storage), source, out, storage, settings.ray)
+    executor.write_meta(out, summary, settings, storage)
     return summary

@@ -24,6 +24,7 @@ from ferray import model as artifacts
 from ferray.calibration import apply_temperature, calibrate, reliability
 from ferray.config import Settings, StorageSettings
 from ferray.schema import LABELS
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,25 @@ class EvalSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def render(self) -> str:
+        """The one-screen summary the command line prints."""
+        lines = [f"ferray evaluate: {self.model} on {self.source} -> {self.out}"]
+        lines.append(f"  split {self.split} ({self.path} path): {self.rows} rows   accuracy "
+                     f"{100 * self.accuracy:.2f}%   macro-F1 {100 * self.macro_f1:.2f}%   ECE {self.ece:.3f}   "
+                     f"time: {self.seconds:.1f} s")
+        paper = self.paper or {}
+        if paper.get("applies"):
+            lines.append(f"  paper: {paper['paper']['accuracy']:.2f}% ({paper['paper']['where']})")
+        elif paper.get("note"):
+            lines.append(f"  paper: {paper['note']}")
+        if self.skipped:
+            lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
+        if self.calibration:
+            fit = self.calibration
+            lines.append(f"  calibrated: temperature {fit['temperature']:.3f} on {fit['rows']} {fit['split']} rows of {fit['data']}")
+        lines.append(f"  report: {self.out.rstrip('/')}/report.md")
+        return "\n".join(lines)
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, bins: int) -> dict[str, Any]:
@@ -178,10 +198,10 @@ def run(settings: Settings, model_uri: str, source: str, out: str, calibrate_on:
     fingerprint = artifact.meta.get("backbone", {}).get("fingerprint")
     rows = scoring.select(source, storage, fingerprint, options.split, options.reuse_embeddings)
     if len(rows) == 0:
-        raise ValueError(f"no labelled rows to evaluate in {source} (split {rows.split}, skipped {dict(rows.skipped)})")
+        raise InputError(f"no labelled rows to evaluate in {source} (split {rows.split}, skipped {dict(rows.skipped)})")
     raw, embeddings, flipped = scoring.raw_probabilities(artifact, rows, options.batch_size)
     if len(rows) == 0:  # every face was undecodable
-        raise ValueError(f"no decodable faces to evaluate in {source} (skipped {dict(rows.skipped)})")
+        raise InputError(f"no decodable faces to evaluate in {source} (skipped {dict(rows.skipped)})")
     temperature = float(artifact.meta.get("inference", {}).get("temperature", 1.0))
     probs = apply_temperature(raw, temperature)
 

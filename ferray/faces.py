@@ -14,11 +14,13 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import cv2
 import dlib
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from ferray.config import FacesSettings
+from ferray.errors import FerrayError
 from ferray.images import DecodeError, open_checked, to_array
-from ferray.schema import BBOX, FACE, FACE_SOURCE, FACES_FOUND, STATUS_OK, status
+from ferray.schema import ALIGN_FIELDS, STATUS_OK, status
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def too_small(image: np.ndarray) -> str | None:
     return None
 
 
-class MissingModelError(FileNotFoundError):
+class MissingModelError(FerrayError, FileNotFoundError):
     """A Dlib model file could not be found or loaded; the message names the setting to fix."""
 
 
@@ -372,13 +374,50 @@ class AlignStage:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A numpy-format batch (Ray Data's, and the unit tests'); columns it does not change pass through."""
+        source_rows, changed = self._changed(list(batch["status"]), list(batch["image"]), list(batch["id"]),
+                                             list(batch["error"]))
+        exploded = source_rows != list(range(len(batch["status"])))
+        out = {name: np.take(column, source_rows, axis=0) if exploded else column for name, column in batch.items()}
+        for name, values in changed.items():
+            # Object arrays: Arrow reads None as null and lists of ints as list<int> (numeric dtypes cannot).
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
+            out[name] = array
+        return out
+
+    def table(self, batch: pa.Table) -> pa.Table:
+        """Ingested rows in, aligned rows out; the columns it does not change stay Arrow (image bytes)."""
+        source_rows, changed = self._changed(batch["status"].to_pylist(), batch["image"].to_pylist(),
+                                             batch["id"].to_pylist(), batch["error"].to_pylist())
+        out = batch.take(pa.array(source_rows, pa.int64())) if source_rows != list(range(batch.num_rows)) else batch
+        types = {"id": pa.string(), "status": pa.string(), "error": pa.string(), **{f.name: f.type for f in ALIGN_FIELDS}}
+        for name, values in changed.items():
+            column = pa.array(values, types[name])
+            if name in out.schema.names:
+                out = out.set_column(out.schema.get_field_index(name), name, column)
+            else:
+                out = out.append_column(name, column)
+        return out
+
+    def _changed(self, statuses: list[Any], images: list[Any], ids: list[Any],
+                 errors: list[Any]) -> tuple[list[int], dict[str, list[Any]]]:
+        """Which input row each output row comes from, and the columns the stage writes (id only when exploded)."""
         source_rows: list[int] = []
         rows: list[_Row] = []
-        for index, (row_status, data) in enumerate(zip(batch["status"], batch["image"], strict=True)):
+        for index, (row_status, data) in enumerate(zip(statuses, images, strict=True)):
             for row in self.align_row(row_status, data):
                 source_rows.append(index)
                 rows.append(row)
-        return self._assemble(batch, source_rows, rows)
+        changed: dict[str, list[Any]] = {
+            "status": [row.status for row in rows],
+            "error": [errors[i] if row.passed else row.error for i, row in zip(source_rows, rows)],
+        }
+        if source_rows != list(range(len(statuses))):
+            changed["id"] = [f"{ids[i]}{row.suffix}" for i, row in zip(source_rows, rows)]
+        for field in ALIGN_FIELDS:
+            changed[field.name] = [getattr(row, field.name) for row in rows]
+        return source_rows, changed
 
     def align_row(self, row_status: str, data: bytes | None) -> list[_Row]:
         """Output rows for one input row: one, or one per face under keep="all"."""
@@ -408,24 +447,3 @@ class AlignStage:
             )
             for k, face in enumerate(result.faces)
         ]
-
-    @staticmethod
-    def _assemble(batch: dict[str, np.ndarray], source_rows: list[int], rows: list[_Row]) -> dict[str, np.ndarray]:
-        exploded = source_rows != list(range(len(batch["status"])))
-        out = {name: np.take(column, source_rows, axis=0) if exploded else column for name, column in batch.items()}
-
-        # Object arrays: Arrow reads None as null and lists of ints as list<int> (numeric dtypes cannot).
-        def column(values: list[Any]) -> np.ndarray:
-            array = np.empty(len(values), dtype=object)
-            array[:] = values
-            return array
-
-        out["status"] = column([row.status for row in rows])
-        out["error"] = column([out["error"][i] if row.passed else row.error for i, row in enumerate(rows)])
-        if exploded:
-            out["id"] = column([f"{out['id'][i]}{row.suffix}" for i, row in enumerate(rows)])
-        out[FACE] = column([row.face for row in rows])
-        out[BBOX] = column([row.bbox for row in rows])
-        out[FACE_SOURCE] = column([row.face_source for row in rows])
-        out[FACES_FOUND] = column([row.faces_found for row in rows])
-        return out

@@ -5,20 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from ferray import io
-from ferray.config import IngestSettings, Settings, StorageSettings
+from ferray import executor, io
+from ferray.config import ConfigError, IngestSettings, Settings, StorageSettings
 from ferray.datasets import READERS, Entry
 from ferray.datasets.fer2013 import BAD_PIXELS, pixels_to_png
 from ferray.images import DecodeError, open_checked
 from ferray.schema import INGEST_SCHEMA, STATUS_OK, canonical_label, status
-from ferray.shards import Summary, shard_stats
+from ferray.executor import ShardUnit, Stage, Summary
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +70,29 @@ def build_shard(entries: list[Entry], tree: io.Tree, dataset: str, source: str, 
     return pa.table(columns, schema=INGEST_SCHEMA)
 
 
-@dataclass(frozen=True)
-class ShardTask:
-    """One shard to build: its name, input fingerprint and entries."""
+class IngestStage(Stage):
+    """Builds shards from listing entries: reads and checks each file, in SPEC's ingest schema."""
 
-    shard: str
-    fingerprint: str
-    entries: list[Entry]
+    name = "ingest"
+    version = 1
+    schema = INGEST_SCHEMA
 
+    def __init__(self, dataset: str, source: str, settings: IngestSettings, storage: StorageSettings) -> None:
+        self.dataset, self.source, self.settings, self.storage = dataset, source, settings, storage
+        self.tree: io.Tree | None = None
 
-def ingest_shard(item: dict[str, Any], dataset: str, source: str, out: str, settings: IngestSettings,
-                 storage: StorageSettings) -> dict[str, Any]:
-    """Ray Data map function: build, split and write one shard; return its stats."""
-    task: ShardTask = pickle.loads(item["task"])
-    tree = io.Tree(source, storage)
-    try:
-        table = build_shard(task.entries, tree, dataset, source, settings)
-    finally:
-        tree.close()
-    stats = shard_stats(task.shard, table)
-    io.ShardSink(out, storage).write(task.shard, table, task.fingerprint, stats)
-    return {"stats": json.dumps(stats)}
+    def setup(self) -> None:
+        self.tree = io.Tree(self.source, self.storage)  # one archive handle per actor, not per shard
+
+    def __call__(self, payload: Any, table: pa.Table | None, extra: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+        assert self.tree is not None
+        return build_shard(payload, self.tree, self.dataset, self.source, self.settings), {}
 
 
-def plan_shards(dataset: str, entries: list[Entry], settings: IngestSettings) -> list[ShardTask]:
-    """Sort entries by path and cut fixed-size shards; names and fingerprints are deterministic."""
+def plan_shards(dataset: str, entries: list[Entry], settings: IngestSettings) -> list[ShardUnit]:
+    """Sort entries by path and cut fixed-size shards; names and keys are deterministic."""
     ordered = sorted(entries, key=lambda e: e.relpath)
-    tasks = []
+    units = []
     knobs = json.dumps({"dataset": dataset, **settings.model_dump(mode="json")}, sort_keys=True)
     for index, start in enumerate(range(0, len(ordered), settings.shard_rows)):
         chunk = ordered[start : start + settings.shard_rows]
@@ -106,16 +100,14 @@ def plan_shards(dataset: str, entries: list[Entry], settings: IngestSettings) ->
         for entry in chunk:
             digest.update(repr((entry.relpath, entry.member, entry.size, entry.split, entry.label_name,
                                 entry.status, entry.pixels)).encode())
-        tasks.append(ShardTask(f"part-{index:05d}", digest.hexdigest(), chunk))
-    return tasks
+        units.append(ShardUnit(f"part-{index:05d}", digest.hexdigest(), chunk))
+    return units
 
 
 def run(settings: Settings, dataset: str, source: str, out: str) -> Summary:
     """Ingest SOURCE as DATASET into OUT; finished shards from an identical earlier run are skipped."""
-    from ferray.runtime import ensure_ray  # Ray starts only when there is work to plan
-
     if dataset not in READERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
     started = time.perf_counter()
     storage = settings.storage.resolved()
     io.check_reachable(source, storage, must_exist=True)
@@ -123,33 +115,10 @@ def run(settings: Settings, dataset: str, source: str, out: str) -> Summary:
     tree = io.Tree(source, storage)
     listing = READERS[dataset](tree, tree.files(), settings.ingest)
     tree.close()
-    tasks = plan_shards(dataset, listing.entries, settings.ingest)
+    units = plan_shards(dataset, listing.entries, settings.ingest)
+    log.info("ingest %s: %d entries in %d shards", dataset, len(listing.entries), len(units))
     summary = Summary(stage="ingest", source=source, out=out, ignored=listing.ignored)
-    sink = io.ShardSink(out, storage)
-    pending = []
-    for task in tasks:
-        done = sink.completed(task.shard, task.fingerprint)
-        if done is None:
-            pending.append(task)
-        else:
-            summary.add(done)
-            summary.shards_skipped += 1
-    log.info("ingest %s: %d entries in %d shards (%d already done)", dataset, len(listing.entries), len(tasks), summary.shards_skipped)
-    if pending:
-        import ray
-
-        ensure_ray(settings.ray)
-        # One block per shard, so Ray schedules shards as independent, retriable tasks.
-        results = (
-            ray.data.from_items([{"task": pickle.dumps(task)} for task in pending], override_num_blocks=len(pending))
-            .map(ingest_shard, fn_kwargs={"dataset": dataset, "source": source, "out": out,
-                                          "settings": settings.ingest, "storage": storage}, num_cpus=1)
-            .take_all()
-        )
-        for result in results:
-            summary.add(json.loads(result["stats"]))
-        summary.shards_written = len(results)
+    executor.run(IngestStage(dataset, source, settings.ingest, storage), units, source, out, storage, settings.ray, summary)
     summary.seconds = round(time.perf_counter() - started, 2)
-    io.write_json(io.join(out, io.META, "ingest.json"),
-                  {"dataset": dataset, "summary": summary.to_dict(), "settings": settings.public_dict()}, storage)
+    executor.write_meta(out, summary, settings, storage, dataset=dataset)
     return summary

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from ferray.config import StorageSettings
+from ferray.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ STATS = "_stats"
 MARKERS = "_markers"
 META = "_ferray"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-
-
-class StorageError(OSError):
-    """Storage cannot be reached or a path does not exist; the message is one line."""
 
 
 def _s3_options(storage: StorageSettings) -> dict[str, Any]:

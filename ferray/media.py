@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 from ferray import io
 from ferray.config import AnnotateSettings, StorageSettings
 from ferray.schema import MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def read_ledger(out: str, storage: StorageSettings, threads: int = 8) -> list[Sh
             log.warning("annotate: shard %s has a marker but no stats; it will be redone", name)
             return None
         if "run_key" not in stats:
-            raise ValueError(f"{out} holds shards that ferray annotate did not write ({name}); choose another OUT")
+            raise InputError(f"{out} holds shards that ferray annotate did not write ({name}); choose another OUT")
         units = tuple(tuple(unit) for unit in stats["units"])
         return ShardRecord(name, stats["run_key"], units, stats)  # type: ignore[arg-type]
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from ferray import __version__, io
 from ferray.config import Settings, StorageSettings
+from ferray.errors import ModelError
 from ferray.schema import LABELS
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
 META_FILE = "ferray.json"
 DEFAULT = "default"
-
-
-class ModelError(ValueError):
-    """A model cannot be found, loaded, or does not speak ferray's 7 labels; one line."""
 
 
 def default_model_dir() -> Path:

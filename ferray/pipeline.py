@@ -35,6 +35,23 @@ class PipelineSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "workdir": self.workdir, "rows": self.rows, "seconds": self.seconds}
 
+    def render(self) -> str:
+        return render_pipeline(self.to_dict())
+
+
+def render_pipeline(data: dict[str, Any]) -> str:
+    """The one-screen summary of a pipeline run: a model and its reports per backbone."""
+    from ferray.train import percent
+
+    lines = [f"ferray pipeline: {data['workdir']}   time: {data['seconds']:.1f} s"]
+    for row in data["rows"]:
+        lines.append(f"  {row['backbone']}: model {row['model']}  (val accuracy {percent(row['val_accuracy'])})")
+        for target, report in row["reports"].items():
+            lines.append(f"    {target} {report['split']} ({report['rows']} rows): accuracy {percent(report['accuracy'])}, "
+                         f"macro-F1 {percent(report['macro_f1'])}  -> {report['report']}/report.md")
+    lines.append(f"  sweep table: {data['workdir']}/sweep.md")
+    return "\n".join(lines)
+
 
 def _log_stage(name: str, summary: Any) -> None:
     rate = summary.rows / summary.seconds if summary.seconds else 0.0

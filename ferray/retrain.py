@@ -21,6 +21,7 @@ import numpy as np
 from ferray import io, pipeline
 from ferray.config import ConfigError, DataSource, Settings, StorageSettings
 from ferray.registry import Registry
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class RetrainSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def render(self) -> str:
+        from ferray.pipeline import render_pipeline
+
+        return f"{render_pipeline(self.pipeline)}\nferray retrain: {self.line()}"
 
     def line(self) -> str:
         """The decision in one line."""
@@ -146,7 +152,7 @@ def score(settings: Settings, model_uri: str, version: str, data: str, split: st
     fingerprint = artifact.meta.get("backbone", {}).get("fingerprint")
     rows = scoring.select(data, storage, fingerprint, split, options.reuse_embeddings)
     if len(rows) == 0:
-        raise ValueError(f"the holdout {data} has no labelled {split} rows (skipped {dict(rows.skipped)}); "
+        raise InputError(f"the holdout {data} has no labelled {split} rows (skipped {dict(rows.skipped)}); "
                          "a dataset without splits needs retrain.holdout_split: all")
     raw, _, _ = scoring.raw_probabilities(artifact, rows, options.batch_size)
     probs = apply_temperature(raw, float(artifact.meta.get("inference", {}).get("temperature", 1.0)))
@@ -179,7 +185,7 @@ def score_both(settings: Settings, registry: Registry, version: str, data: str) 
         return candidate, None
     current = score(settings, registry.version_uri(pointer["version"]), pointer["version"], data, split)
     if current.holdout != candidate.holdout:  # a face one path could not decode and the other could
-        raise ValueError(f"the candidate and current {current.version} were scored on different holdout rows")
+        raise InputError(f"the candidate and current {current.version} were scored on different holdout rows")
     stored = (pointer.get("metrics") or {}).get("holdout", {}).get("fingerprint")
     if stored != candidate.holdout:
         log.info("retrain: the holdout is not the one %s was promoted on (%s); its stored score is not comparable, "

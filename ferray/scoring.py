@@ -20,6 +20,7 @@ from ferray.embed import decode_faces
 from ferray.head import HEAD_NAME
 from ferray.model import Artifact
 from ferray.schema import BACKBONE, EMBEDDING, FACE, LABELS, STATUS_OK
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def choose_path(names: set[str], backbones: set[str], fingerprint: str | None, r
         return "embeddings"
     if FACE not in names:
         found = ", ".join(sorted(backbones)) or "none"
-        raise ValueError(f"DATA has no aligned faces and no embeddings of this model's backbone "
+        raise InputError(f"DATA has no aligned faces and no embeddings of this model's backbone "
                          f"{fingerprint} (found: {found}); embed it with that backbone or pass aligned shards")
     return "faces"
 
@@ -141,9 +142,9 @@ def select(source: str, storage: StorageSettings, fingerprint: str | None, split
         raise io.StorageError(f"no finished shards under {source}")
     names = _schema_names(shards[0], storage)
     if not {"label", "status"} <= names:
-        raise ValueError(f"{source} has no label/status columns: not ferray stage output")
+        raise InputError(f"{source} has no label/status columns: not ferray stage output")
     if split not in (None, ALL) and "split" not in names:
-        raise ValueError(f"{source} has no split column; evaluate it with --split all")
+        raise InputError(f"{source} has no split column; evaluate it with --split all")
     index_columns = [c for c in _INDEX_COLUMNS if c in names]
     index = io.read_table(shards, storage, index_columns)
     chosen = choose_split(index, split)
@@ -200,7 +201,7 @@ def raw_probabilities(artifact: Artifact, rows: Rows, batch_size: int) -> tuple[
         assert rows.embeddings is not None
         embeddings = rows.embeddings
         if len(embeddings) and embeddings.shape[1] != head.input_shape[-1]:
-            raise ValueError(f"DATA's embeddings have {embeddings.shape[1]} dims, the model's head takes "
+            raise InputError(f"DATA's embeddings have {embeddings.shape[1]} dims, the model's head takes "
                              f"{head.input_shape[-1]}")
         if flip:
             log.warning("evaluate: the model asks for flip TTA, which stored embeddings cannot give; "

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from ferray import head, io
 from ferray.config import HeadSettings, RaySettings, StorageSettings, TrainSettings
 from ferray.schema import LABELS, SPLITS, STATUS_OK
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def scan(source: str, storage: StorageSettings) -> TrainData:
         names = set(pq.read_schema(handle).names)
     missing = {"split", "label", "embedding"} - names
     if missing:
-        raise ValueError(f"{source} has no {sorted(missing)} column: not embedded shards (run `ferray embed`)")
+        raise InputError(f"{source} has no {sorted(missing)} column: not embedded shards (run `ferray embed`)")
     wanted = [c for c in ("split", "label", "status", "backbone") if c in names]
     table = io.read_table(shards, storage, wanted)
     ok = pc.equal(table["status"], STATUS_OK) if "status" in names else pa.array([True] * table.num_rows)
@@ -88,7 +89,7 @@ def scan(source: str, storage: StorageSettings) -> TrainData:
     }
     labelled = label.filter(pc.is_valid(label))
     if len(labelled) and not (0 <= pc.min(labelled).as_py() and pc.max(labelled).as_py() < len(LABELS)):
-        raise ValueError(f"{source} has labels outside 0..{len(LABELS) - 1}; a class outside the 7 must be null")
+        raise InputError(f"{source} has labels outside 0..{len(LABELS) - 1}; a class outside the 7 must be null")
     counts: dict[str, list[int]] = {}
     for name in ("train", "val", "test"):
         mask = pc.and_(pc.and_(ok, pc.equal(split, name)), pc.is_valid(label))
@@ -96,7 +97,7 @@ def scan(source: str, storage: StorageSettings) -> TrainData:
         counts[name] = np.bincount(labels, minlength=len(LABELS)).tolist()
     backbones = sorted({b for b in table["backbone"].unique().to_pylist() if b}) if "backbone" in names else []
     if len(backbones) > 1:
-        raise ValueError(f"{source} mixes embeddings of {backbones}; train on one backbone's output")
+        raise InputError(f"{source} mixes embeddings of {backbones}; train on one backbone's output")
     markers = [io.read_json(io.join(source, io.MARKERS, f"{_shard_name(uri)}.json"), storage) for uri in shards]
     fingerprint = hashlib.sha256("\n".join(str(m.get("fingerprint")) for m in markers).encode()).hexdigest()
     return TrainData(shards, fingerprint, backbones[0] if backbones else None, table.num_rows, counts, skipped)
@@ -147,7 +148,7 @@ def to_numpy(batches: Iterable[pa.Table]) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.list_value_length(column)
     low, high = pc.min_max(lengths).values()
     if low.as_py() != high.as_py():
-        raise ValueError(f"embeddings of different sizes ({low}..{high}) in one training set")
+        raise InputError(f"embeddings of different sizes ({low}..{high}) in one training set")
     x = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), -1)
     y = np.asarray(table["label"].to_numpy(zero_copy_only=False), dtype=np.int64)
     return x, y
@@ -370,6 +371,26 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def render(self) -> str:
+        return render_training(self.to_dict())
+
+
+def render_training(data: dict[str, Any]) -> str:
+    """The one-screen summary of a training run, head or fine-tune."""
+    rows = ", ".join(f"{k} {v}" for k, v in data["rows"].items())
+    skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
+    return "\n".join([
+        f"ferray train: {data['model_out']}   time: {data['seconds']:.1f} s ({data['seconds_per_epoch']:.2f} s/epoch)",
+        f"  rows: {rows}; skipped: {skipped}",
+        f"  epochs run: {data['epochs_run']} (best {data['best_epoch']}, starts {data['starts']})",
+        f"  val accuracy {percent(data['val_accuracy'])}, test accuracy {percent(data['test_accuracy'])}",
+        f"  model: {data['model_out']}/model.keras + ferray.json",
+    ])
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
 
 def run_name(data: TrainData, head_settings: HeadSettings, train: TrainSettings) -> str:
     """Stable per job: same data and recipe -> same name -> Ray Train resumes its checkpoints."""
@@ -490,7 +511,7 @@ def run(
 
     data = scan(source, storage)
     if sum(data.counts["train"]) < train.workers:
-        raise ValueError(f"{sum(data.counts['train'])} labelled train rows in {source}, fewer than the "
+        raise InputError(f"{sum(data.counts['train'])} labelled train rows in {source}, fewer than the "
                          f"{train.workers} workers (rows by split: {data.counts}, skipped: {data.skipped})")
     name = run_name(data, head_settings, train)
     checkpoints = train.checkpoints or io.join(model_out, CHECKPOINTS)

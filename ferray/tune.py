@@ -30,6 +30,7 @@ from ferray import io
 from ferray.config import BackboneSettings, FineTuneSettings, Settings, StorageSettings, TrainSettings
 from ferray.schema import FACE, LABELS, SPLITS, STATUS_OK
 from ferray.train import CHECKPOINTS, HISTORY_FILE, METRICS_FILE, EpochHook, TrainState, _report_interval, _run_config
+from ferray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def load_faces(source: str, storage: StorageSettings, side: int, channels: int) 
         raise io.StorageError(f"no finished shards under {source}")
     table = io.read_table(shards, storage)
     if FACE not in table.column_names:
-        raise ValueError(f"{source} has no `{FACE}` column: fine-tuning reads aligned shards (run `ferray align`)")
+        raise InputError(f"{source} has no `{FACE}` column: fine-tuning reads aligned shards (run `ferray align`)")
     ok = pc.equal(table["status"], STATUS_OK)
     usable = pc.and_(pc.and_(ok, pc.is_valid(table["label"])), pc.is_valid(table["split"]))
     skipped = {"not_ok": int(pc.sum(pc.invert(ok)).as_py() or 0),
@@ -234,6 +235,11 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def render(self) -> str:
+        from ferray.train import render_training
+
+        return render_training(self.to_dict())
+
 
 def run_name(fingerprint: str, settings: Settings) -> str:
     recipe = settings.finetune.model_dump(mode="json", exclude={"time_budget_s", "flip_tta", "calibrate"})
@@ -291,16 +297,16 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
 
     recipe, train = settings.finetune, settings.train
     if not recipe.enabled:
-        raise ValueError("fine-tuning is off: set finetune.unfreeze (or `--fine-tune K|all`)")
+        raise InputError("fine-tuning is off: set finetune.unfreeze (or `--fine-tune K|all`)")
     if train.workers != 1:
-        raise ValueError(f"fine-tuning runs on one worker (one GPU or the CPUs of one node), not {train.workers}: "
+        raise InputError(f"fine-tuning runs on one worker (one GPU or the CPUs of one node), not {train.workers}: "
                          "set train.workers: 1")
     storage = settings.storage.resolved()
     started = time.perf_counter()
     faces, skipped, fingerprint = load_faces(source, storage, settings.faces.size, settings.backbone.channels)
     rows = {k: len(v.y) for k, v in faces.items()}
     if rows["train"] == 0:
-        raise ValueError(f"no labelled train rows in {source} (rows {rows}, skipped {skipped})")
+        raise InputError(f"no labelled train rows in {source} (rows {rows}, skipped {skipped})")
     name = train.run_name or run_name(fingerprint, settings)
     if io.exists(io.join(model_out, METRICS_FILE), storage):
         done = io.read_json(io.join(model_out, METRICS_FILE), storage)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from ferray import annotate, io, shards
+from ferray import annotate, executor, io
 from ferray.cli import main
 from ferray.config import StorageSettings, load_settings
 from ferray.datasets import READERS
@@ -184,7 +184,7 @@ def unchecked_shard(cases: list[Case], folder: str) -> None:
              "source_path": f"unchecked/{CLASS}/{case.key}", "label": 3, "label_name": CLASS, "image": case.data,
              "status": "ok", "error": None} for case in cases]
     table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
-    io.ShardSink(folder, LOCAL).write("part-00000", table, "unchecked", shards.shard_stats("part-00000", table))
+    io.ShardSink(folder, LOCAL).write("part-00000", table, "unchecked", executor.shard_stats("part-00000", table))
 
 
 # --------------------------------------------------------------------------- the runs (once per module)
@@ -361,7 +361,7 @@ def _empty_cell(out: str, stage: str) -> str:
 
 
 def test_ingest_keeps_every_file_as_a_row(runs: Runs) -> None:
-    summary = shards.Summary(stage="ingest", source="", out="", rows=len(runs.cases))
+    summary = executor.Summary(stage="ingest", source="", out="", rows=len(runs.cases))
     good, bad = assert_conserved(summary, runs.out["ingested"], LOCAL, len(runs.cases))
     assert_specific(bad)
     names = by_name(pa.concat_tables([good, bad]))
@@ -372,11 +372,11 @@ def test_ingest_keeps_every_file_as_a_row(runs: Runs) -> None:
 
 def test_align_keeps_every_row_after_ingest_and_on_unchecked_bytes(runs: Runs) -> None:
     ingested_ok = outputs(runs.out["ingested"], LOCAL)[0]
-    summary = shards.Summary(stage="align", source="", out="", rows=ingested_ok.num_rows)
+    summary = executor.Summary(stage="align", source="", out="", rows=ingested_ok.num_rows)
     good, bad = assert_conserved(summary, runs.out["aligned"], LOCAL, ingested_ok.num_rows)
     assert sorted(good["id"].to_pylist() + bad["id"].to_pylist()) == sorted(ingested_ok["id"].to_pylist())
     assert_specific(bad)
-    summary = shards.Summary(stage="align", source="", out="", rows=len(runs.cases))
+    summary = executor.Summary(stage="align", source="", out="", rows=len(runs.cases))
     good, bad = assert_conserved(summary, runs.out["unchecked"], LOCAL, len(runs.cases))
     assert_specific(bad)
     # Odd pixel formats still decode to the face they hold: the face is found, not the full frame.

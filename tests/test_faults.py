@@ -39,7 +39,7 @@ ANNOTATE_IMAGES = 10
 # Small shards, so that a run is many tasks and a kill lands while others are still to do.
 ANNOTATE_KNOBS = {"shard_units": 2}
 # The actors annotate may run: one fused kind, or detection and classification apart.
-ANNOTATE_WORKERS = ("AnnotateWorker", "DetectWorker", "LabelWorker")
+ANNOTATE_WORKERS = ("ShardWorker", "PartWorker")  # fused, or the split pools
 
 
 # --------------------------------------------------------------------------- finding and killing workers

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import FER2013_ZIP, SAMPLE_ZIP
-from ferray import ingest, shards
+from ferray import executor, ingest
 from ferray import io as fio
 from ferray.cli import main
 from ferray.config import Settings, StorageSettings
@@ -31,7 +31,7 @@ def outputs(out: str, storage: StorageSettings) -> tuple[pa.Table, pa.Table]:
     return data.sort_by("id"), bad.sort_by("id")
 
 
-def assert_conserved(summary: shards.Summary, out: str, storage: StorageSettings, rows_in: int) -> tuple[pa.Table, pa.Table]:
+def assert_conserved(summary: executor.Summary, out: str, storage: StorageSettings, rows_in: int) -> tuple[pa.Table, pa.Table]:
     good, bad = outputs(out, storage)
     assert good.num_rows + bad.num_rows == rows_in == summary.rows
     assert set(good["status"].to_pylist()) <= {"ok"}
@@ -123,7 +123,7 @@ def test_bad_files_are_quarantined_with_reasons(tmp_path: Path, settings: Settin
     out = tmp_path / "out"
     assert main(["ingest", "fer2013", str(tmp_path / "src"), str(out)]) == 0
     manifest = json.loads((out / "_ferray" / "ingest.json").read_text())
-    summary = shards.Summary(stage="ingest", source="", out="", rows=manifest["summary"]["rows"])
+    summary = executor.Summary(stage="ingest", source="", out="", rows=manifest["summary"]["rows"])
     good, bad = assert_conserved(summary, str(out), settings.storage, 35 + len(expected))
     got = {row["source_path"].split("/src/")[1]: row["status"] for row in bad.to_pylist()}
     assert got == expected

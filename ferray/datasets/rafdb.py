@@ -7,6 +7,7 @@ import posixpath
 from ferray.config import IngestSettings
 from ferray.datasets.base import MISSING, NO_LABEL, Entry, Listing, carve_val, find_root, stray_entry, unsafe_entry
 from ferray.io import Tree, TreeFile
+from ferray.errors import InputError
 
 LABEL_FILE = "EmoLabel/list_patition_label.txt"
 # RAF-DB numbers its basic classes 1..7 in this order.
@@ -25,7 +26,7 @@ def _parse_labels(text: str) -> dict[str, str]:
 def read(tree: Tree, files: list[TreeFile], settings: IngestSettings) -> Listing:
     root = find_root(files, lambda rest: rest == LABEL_FILE)
     if root is None:
-        raise ValueError(f"rafdb: {LABEL_FILE} not found in {tree.uri}")
+        raise InputError(f"rafdb: {LABEL_FILE} not found in {tree.uri}")
     labels = _parse_labels(tree.read(root + LABEL_FILE).decode("utf-8", "replace"))
     images = {f.relpath[len(root) :]: f for f in files if f.relpath and f.relpath.startswith(root + "Image/")}
     aligned = any(rel.startswith("Image/aligned/") for rel in images)

@@ -1,0 +1,40 @@
+"""Write tests/data/golden/: the compact outputs of ingest, align, embed and annotate (tests/golden.py).
+
+Run once with the code to compare against first on the path (the golden files hold 165cf3d's rows):
+    git worktree add /tmp/ref165 165cf3d
+    cd /tmp && PYTHONPATH=/tmp/ref165:/path/to/ferray/tests python /path/to/ferray/tests/data/build_golden.py
+(run outside the checkout, so that `ferray` is the reference's). Annotation uses the shipped `default`
+model; if it changes, copy the new ferray/assets/default-model/ into the reference tree first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def main() -> None:
+    from golden import GOLDEN, snapshot
+    from test_video import build_media
+
+    import ferray
+
+    logging.basicConfig(level=logging.WARNING)
+    print(f"snapshot of {ferray.__file__}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        media = work / "media" / "archive"
+        build_media(media)
+        tables = snapshot(work / "out", media)
+    GOLDEN.mkdir(exist_ok=True)
+    for name, table in tables.items():
+        pq.write_table(table, GOLDEN / f"{name}.parquet", compression="zstd")
+        print(f"{name}: {table.num_rows} rows", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
