@@ -21,10 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ferray import align, faces, ingest
-from ferray import io as fio
+from ferray import faces
+from ferray.data import ingest
+from ferray.faces import stage as align
+from ferray.data import io as fio
 from ferray.config import load_settings
-from ferray.images import DecodeError, open_checked, to_array
+from ferray.data.images import DecodeError, open_checked, to_array
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fer2013.zip"
 

@@ -7,7 +7,7 @@ Usage:
 
 Builds zip archives from real FER-2013 PrivateTest faces (labelled): each face pasted 3–4× larger into
 a varied canvas saved as jpg/png/webp/bmp/tiff, and videos written with OpenCV (320×240, 15 fps, a
-sequence of faces for 80% of the time, then none). Runs `ferray.annotate.run` end to end on a fresh
+sequence of faces for 80% of the time, then none). Runs `ferray.annotate.command.run` end to end on a fresh
 local Ray with 2 CPUs for an image archive and a video archive of N and of 10×N files, and prints
 images/s, video-seconds/s and peak memory (RSS and PSS summed over the raylet and its workers,
 sampled every 0.2 s). Then runs the `fer` package (Haar cascade + its CNN, in 2 processes) on the same
@@ -43,7 +43,11 @@ import numpy as np
 from PIL import Image
 
 from ferray import annotate
-from ferray import io as fio
+from ferray.annotate.detect import FaceFinder
+from ferray.annotate.job import Job, face_settings, resolve_model, run_key
+from ferray.annotate.label import Labeller
+from ferray.annotate.plan import plan_units
+from ferray.data import io as fio
 from ferray.config import Settings, load_settings
 from ferray.faces import HOG_REACH
 
@@ -287,15 +291,15 @@ def fer_cpu(site: str, archive: Path, min_face: int = FER_MIN_FACE) -> float:
 def ferray_cpu(settings: Settings, model: Path, archive: Path) -> tuple[float, float]:
     """CPU milliseconds per image of one ferray actor's work (decode + detect + align; classify),
     in this process after a warm-up, with TensorFlow on one thread as in an actor."""
-    from ferray.media import Ledger
+    from ferray.annotate.ledger import Ledger
 
     storage = settings.storage.resolved()
-    ref = annotate.resolve_model(str(model), storage)
-    faces = annotate.face_settings(settings.faces, ref)
-    job = annotate.Job(str(archive), "", storage, faces, settings.annotate, ref, annotate.run_key(ref, faces, settings.annotate))
+    ref = resolve_model(str(model), storage)
+    faces = face_settings(settings.faces, ref)
+    job = Job(str(archive), "", storage, faces, settings.annotate, ref, run_key(ref, faces, settings.annotate))
     tree = fio.Tree(str(archive), storage)
-    units = annotate.plan_units(tree, tree.files(), Ledger([], job.run_key), settings.annotate)
-    finder, labeller = annotate.FaceFinder(job), annotate.Labeller(job)
+    units = plan_units(tree, tree.files(), Ledger([], job.run_key), settings.annotate)
+    finder, labeller = FaceFinder(job), Labeller(job)
     labeller(finder.find(units[:8])[0])  # traces the model once, as an actor does on its first shard
     started = time.process_time()
     drafts, _ = finder.find(units)

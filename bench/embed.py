@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 
-from ferray import embed
-from ferray import io as fio
-from ferray.backbone import BackboneWeightsError, build_backbone, resolve_weights
+from ferray.model import embed
+from ferray.data import io as fio
+from ferray.model.backbones import BackboneWeightsError, build_backbone, resolve_weights
 from ferray.config import load_settings
 from ferray.runtime import ensure_ray
 from ferray.executor import shard_stats

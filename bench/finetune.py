@@ -1,4 +1,4 @@
-"""Fine-tune a backbone on aligned FER-2013 faces (ferray.finetune), anywhere Keras 3 runs.
+"""Fine-tune a backbone on aligned FER-2013 faces (ferray.training.finetune), anywhere Keras 3 runs.
 
   pack:  .venv/bin/python bench/finetune.py pack ALIGNED_SHARDS PACK.npz [--quality 90]
          aligned faces → one compact .npz (JPEG bytes + labels + splits) to move to a GPU box.
@@ -23,9 +23,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from ferray import finetune
+from ferray.training import finetune
 from ferray.config import FineTuneSettings
-from ferray.schema import LABELS
+from ferray.data.schema import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test")
 
 
 # -- the plain Keras loop this script runs where Ray Train is absent (a JAX GPU box) --------------
-# `ferray train --fine-tune` (ferray.tune) does the same inside a Ray Train worker, with checkpoints.
+# `ferray train --fine-tune` (ferray.training.tune) does the same inside a Ray Train worker, with checkpoints.
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -104,7 +104,7 @@ def predict_tta(model: keras.Model, faces: np.ndarray, batch_size: int = 256, fl
 def pack(args: argparse.Namespace) -> None:
     import cv2
 
-    from ferray import io
+    from ferray.data import io
     from ferray.config import StorageSettings
 
     storage = StorageSettings().resolved()
@@ -132,7 +132,7 @@ def load_pack(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(size: int, weights: str, recipe) -> tuple[object, object]:
-    from ferray.backbone import build_backbone
+    from ferray.model.backbones import build_backbone
     from ferray.config import BackboneSettings
 
     settings = BackboneSettings(name="efficientnet-lite0", input_size=size, channels=1, weights=weights)
@@ -172,7 +172,7 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     from sklearn.metrics import accuracy_score, f1_score
 
-    from ferray import io
+    from ferray.data import io
     from ferray.config import StorageSettings
     import cv2
 

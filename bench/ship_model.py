@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferray import model as artifacts
+from ferray.model import artifact as artifacts
 from ferray.config import StorageSettings
 
 LICENCE = (
@@ -57,8 +57,8 @@ def main() -> None:
 
 def tune_inference(artifact: artifacts.Artifact, aligned: str) -> None:
     """Flip TTA if it helps on val, then the val-fitted temperature (never the test split)."""
-    from ferray import tune
-    from ferray.calibration import fit_temperature
+    from ferray.training import tune
+    from ferray.evaluate.calibration import fit_temperature
 
     side, channels = int(artifact.meta.get("face_size", 48)), int(artifact.meta["backbone"].get("channels", 1))
     val = tune.load_faces(aligned, StorageSettings(), side, channels)[0]["val"]

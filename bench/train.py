@@ -36,7 +36,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from ferray import io, train
+    from ferray.data import io
+    from ferray.training import train
     from ferray.config import load_settings
     from ferray.config import HeadSettings, TrainSettings
     from ferray.runtime import ensure_ray

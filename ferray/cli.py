@@ -17,19 +17,19 @@ __all__ = ["EXIT_CANNOT_RUN", "EXIT_CONFIG", "main"]
 
 
 def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> Any:
-    from ferray import ingest
+    from ferray.data import ingest
 
     return ingest.run(settings, args.dataset, args.source, args.out)
 
 
 def _cmd_align(settings: Settings, args: argparse.Namespace) -> Any:
-    from ferray import align
+    from ferray.faces import stage as align
 
     return align.run(settings, args.input, args.out)
 
 
 def _cmd_embed(settings: Settings, args: argparse.Namespace) -> Any:
-    from ferray import embed
+    from ferray.model import embed
 
     return embed.run(settings, args.input, args.out)
 
@@ -47,10 +47,11 @@ def _cmd_annotate(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
-    from ferray import model, train
+    from ferray.model import artifact as model
+    from ferray.training import train
 
     if settings.finetune.enabled:
-        from ferray import tune
+        from ferray.training import tune
 
         return tune.run(settings, args.input, args.model_out)
     result = train.run(settings, args.input, args.model_out)
@@ -75,7 +76,7 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ferray.datasets import READERS
+    from ferray.data.datasets import READERS
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE.yaml", help="settings file; FERRAY_<SECTION>__<FIELD> env vars override it")

@@ -92,9 +92,9 @@ class FacesSettings(Section):
     """Dlib detection and alignment (owned by ferray.faces)."""
 
     # HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector, more poses, slow without CUDA.
-    detector: Literal["hog", "mmod"] = "hog"
-    # HOG finds faces from ~80 px up: 48×48 FER-2013 faces need one doubling (measured on 500
-    # train faces: 0% found at 0, 70% at 1, 71% at 2). Each step costs about 4× the time.
+    detector: str = "hog"  # a name in ferray.faces.DETECTORS
+    # Each step doubles the image before detection: it halves the smallest face found and costs about
+    # 4× the time; 48×48 FER-2013 faces need one (docs/settings.md).
     upsample: int = Field(default=1, ge=0, le=4)
     # Dlib's 5-point model is free to use; the 68-point model's training data (iBUG 300-W) is not
     # licensed for commercial use.
@@ -129,24 +129,20 @@ class FacesSettings(Section):
         # Environment variables arrive as text, and a Literal of ints refuses "68".
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
+    @field_validator("detector")
+    @classmethod
+    def _known_detector(cls, value: str) -> str:
+        from ferray.faces import DETECTORS  # names only: ferray.faces does not import Dlib
 
-BackboneName = Literal[
-    "efficientnet-lite0",
-    "efficientnet-b0",
-    "efficientnet-b1",
-    "efficientnet-b2",
-    "efficientnet-b3",
-    "efficientnet-b4",
-    "efficientnet-b5",
-    "efficientnet-b6",
-    "efficientnet-b7",
-]
+        if value not in DETECTORS:
+            raise ValueError(f"Input should be {' or '.join(repr(name) for name in DETECTORS)}")
+        return value
 
 
 class BackboneSettings(Section):
-    """Frozen EfficientNet backbone (owned by ferray.backbone)."""
+    """Frozen EfficientNet backbone (owned by ferray.model.backbones)."""
 
-    name: BackboneName = "efficientnet-lite0"
+    name: str = "efficientnet-lite0"  # a name in ferray.model.BACKBONES
     # Side of the square image the EfficientNet sees; Keras Applications refuse less than 32.
     input_size: int = Field(default=48, ge=32, le=1024)
     # 1: grey faces, replicated to RGB inside the model; 3: colour faces.
@@ -165,6 +161,15 @@ class BackboneSettings(Section):
     # many threads (TensorFlow's thread pools oversubscribe otherwise).
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from ferray.model import BACKBONES  # names only: ferray.model does not import Keras
+
+        if value not in BACKBONES:
+            raise ValueError(f"Input should be {', '.join(repr(name) for name in BACKBONES)}")
+        return value
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -193,7 +198,7 @@ class EvaluateSettings(Section):
 
 
 class AnnotateSettings(Section):
-    """`ferray annotate` (owned by ferray.annotate, ferray.media, ferray.video): sampling, shards, workers."""
+    """`ferray annotate` (owned by ferray.annotate): sampling, shards, workers."""
 
     # Video frames sampled per second of video; `every_nth` (when set) takes every Nth frame instead.
     fps: float = Field(default=2.0, gt=0, le=1000)
@@ -218,25 +223,22 @@ class AnnotateSettings(Section):
     upsample: Literal["auto", "faces"] = "auto"
     upsample_below: int = Field(default=160, ge=0, le=100_000)
     # Detection runs on a copy scaled down so that its longer side is at most this many px (None: full
-    # size). HOG's cost grows with pixels: a 12 MP photo takes ~0.8 s a core at full size, ~0.2 s at
-    # 1920 px. A face is then found from about 80 × (longer side / detect_max_side) px (167 px in a
-    # 4000 px photo); landmarks and chips always come from the full-size image. 1080p video is untouched.
+    # size): HOG's cost grows with pixels. A face is then found from about the detector's reach ×
+    # (longer side / detect_max_side) px; landmarks and chips always come from the full-size image.
     detect_max_side: int | None = Field(default=1920, ge=160, le=100_000)
     # Images and frames aligned together: detection runs over the group before any landmarks, so that
-    # each Dlib model stays in the CPU cache (bench/annotate.py, photos up to 420 px: decode + detect +
-    # align 8.5 ms an image one at a time, 7.2 in groups of 16); a group also ends at 33 MP of pixels.
+    # each Dlib model stays in the CPU cache; a group also ends at 33 MP of pixels.
     align_group: int = Field(default=16, ge=1, le=1024)
     predict_batch: int = Field(default=256, ge=1, le=65536)
     # Flip test-time augmentation when classifying: None does as the model's ferray.json says
-    # (`inference.flip_tta`); False classifies each face once: half the classify cost (~1.3 ms a face on
-    # one CPU for the shipped model) for about half a point of accuracy (shipped model, FER-2013
-    # PrivateTest 66.40% → 65.90%); its temperature was fitted with TTA, so confidences shift slightly.
+    # (`inference.flip_tta`); False classifies each face once: half the classify cost for a little
+    # accuracy; a temperature fitted with TTA then shifts confidences slightly.
     flip_tta: bool | None = None
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
     # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:
     # with num_gpus > 0 one per GPU share, else one per `label_every` CPUs holding no CPU of its own
-    # (classifying costs ~1 ms a face, a tenth of detecting it; Ray may place it on a head started
-    # with num-cpus 0), so TensorFlow starts once, not on every CPU. `auto` = `split`.
+    # (classifying is a fraction of detecting; Ray may place it on a head started with num-cpus 0),
+    # so TensorFlow starts once, not on every CPU. `auto` = `split`.
     label_every: int = Field(default=8, ge=1, le=1024)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -253,19 +255,17 @@ class AnnotateSettings(Section):
 
 
 class HeadSettings(Section):
-    """The two-layer head (owned by ferray.head): Dense(hidden, relu) -> Dropout -> Dense(7, softmax)."""
+    """The two-layer head (owned by ferray.model.head): Dense(hidden, relu) -> Dropout -> Dense(7, softmax)."""
 
-    # From a val (PublicTest) sweep, paper recipe, 100 epochs, batch 128, FER-2013 Lite0 48 px
-    # embeddings: hidden 128/256/512/1024/2048 -> 45.9/47.5/49.0/50.1/51.2%. At lr 0.001 the head
-    # is still learning at epoch 100 and a wider one learns faster; 1024 is the first to reach the
-    # reference 50%; 2048 adds a point for twice the work.
+    # The narrowest width that reaches the reference accuracy in the paper's 100 epochs (sweep in
+    # docs/settings.md).
     hidden: int = Field(default=1024, ge=1, le=16384)
-    # 0.3 and 0.5 scored alike (47.4/47.5% at hidden 256); 0.5 guards the wider default.
+    # Guards the wide default; 0.3 and 0.5 score alike.
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
 
 
 class TrainSettings(Section):
-    """Head training (owned by ferray.train): the paper's recipe by default, and the Ray Train run."""
+    """Head training (owned by ferray.training.train): the paper's recipe by default, and the Ray Train run."""
 
     # The paper: SGD, momentum 0.9, lr 0.001, ×0.9 every 10 epochs.
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -315,7 +315,7 @@ class TrainSettings(Section):
 
 
 class FineTuneSettings(Section):
-    """Adapting the backbone to faces end to end (owned by ferray.tune; `ferray train --fine-tune K`).
+    """Adapting the backbone to faces end to end (owned by ferray.training.tune; `ferray train --fine-tune K`).
 
     Off by default: the paper's path freezes the backbone. When on, `ferray train` reads ALIGNED
     faces (not embeddings), trains backbone + head on one Ray Train worker (a GPU when `--gpu`), and

@@ -13,9 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ferray import model as artifacts
 from ferray import pipeline
 from ferray.config import DataSource, Settings
+from ferray.model import artifact as artifacts
 
 log = logging.getLogger(__name__)
 

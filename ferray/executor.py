@@ -21,10 +21,10 @@ from typing import Any, ClassVar, Iterator, Literal, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ferray import io
 from ferray.config import RaySettings, StorageSettings
+from ferray.data import io
+from ferray.data.schema import LABELS, STATUS_OK
 from ferray.errors import InputError
-from ferray.schema import LABELS, STATUS_OK
 
 log = logging.getLogger(__name__)
 

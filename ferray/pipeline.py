@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferray import align, embed, ingest, io
-from ferray import model as artifacts
 from ferray.config import ConfigError, DataSource, Settings
+from ferray.data import ingest, io
+from ferray.faces import stage as align
+from ferray.model import artifact as artifacts
+from ferray.model import embed
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class PipelineSummary:
 
 def render_pipeline(data: dict[str, Any]) -> str:
     """The one-screen summary of a pipeline run: a model and its reports per backbone."""
-    from ferray.train import percent
+    from ferray.training.train import percent
 
     lines = [f"ferray pipeline: {data['workdir']}   time: {data['seconds']:.1f} s"]
     for row in data["rows"]:
@@ -79,7 +81,7 @@ def prepare(settings: Settings, source: DataSource, workdir: str) -> str:
 
 def embedded(settings: Settings, aligned: str, workdir: str, label: str) -> tuple[str, float | None]:
     """Embed one dataset with the configured backbone (cached per backbone identity)."""
-    from ferray.backbone import backbone_fingerprint
+    from ferray.model.backbones import backbone_fingerprint
 
     storage = settings.storage.resolved()
     identity = backbone_fingerprint(settings.backbone, fetch=functools.partial(io.fetch_cached, storage=storage),
@@ -92,7 +94,8 @@ def embedded(settings: Settings, aligned: str, workdir: str, label: str) -> tupl
 
 
 def run(settings: Settings) -> PipelineSummary:
-    from ferray import evaluate, train
+    from ferray import evaluate
+    from ferray.training import train
 
     plan = settings.pipeline
     if plan.train is None:
@@ -142,8 +145,8 @@ def run(settings: Settings) -> PipelineSummary:
 
 
 def _fine_tune(settings: Settings, aligned: str, workdir: str, backbone: str) -> tuple[str, Any, int]:
-    """`finetune.unfreeze` set: adapt the backbone on the aligned training faces (ferray.tune)."""
-    from ferray import tune
+    """`finetune.unfreeze` set: adapt the backbone on the aligned training faces (ferray.training.tune)."""
+    from ferray.training import tune
 
     model_out = io.join(workdir, "models", f"{backbone}-finetune")
     result = tune.run(settings, aligned, model_out)

@@ -18,10 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ferray import io, pipeline
+from ferray import pipeline
 from ferray.config import ConfigError, DataSource, Settings, StorageSettings
-from ferray.registry import Registry
+from ferray.data import io
 from ferray.errors import InputError
+from ferray.model import META_FILE, MODEL_FILE
+from ferray.model.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ CANDIDATE_DIR = "candidate"
 # What a registry version holds: the artifact, and the training run's metrics and history for the
 # record. Not the rest of the training folder: its `_checkpoints/` keeps every earlier run's, and
 # would be copied into every version.
-PUBLISHED_FILES = ("model.keras", "ferray.json", "metrics.json", "history.json")
+PUBLISHED_FILES = (MODEL_FILE, META_FILE, "metrics.json", "history.json")
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,9 @@ def holdout_fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
 
 def score(settings: Settings, model_uri: str, version: str, data: str, split: str) -> Score:
     """Accuracy and macro-F1 of a model on DATA's `split` rows: `ferray evaluate`'s numbers without its report."""
-    from ferray import model as artifacts
-    from ferray import scoring
-    from ferray.calibration import apply_temperature
+    from ferray.model import artifact as artifacts
+    from ferray.evaluate import scoring
+    from ferray.evaluate.calibration import apply_temperature
     from ferray.evaluate import classification_metrics
 
     started = time.perf_counter()

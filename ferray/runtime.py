@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -33,6 +34,28 @@ def ensure_ray(settings: RaySettings) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = settings.progress_bars
     context.print_on_execution_start = False
+
+
+def configure_tensorflow(cpus: float, use_gpu: bool = True, inter_op: int | None = None) -> None:
+    """Thread pools sized to the worker's CPUs, and GPU memory growth so workers can share a card.
+
+    Call before any TensorFlow op; in a process where TensorFlow already started (tests, a reused
+    worker) the thread settings stay as they were.
+    """
+    import tensorflow as tf
+
+    threads = max(1, math.floor(cpus))
+    try:
+        # Workers spawning a pool per core each would fight for the CPUs they share.
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op or min(2, threads))
+    except RuntimeError:
+        pass
+    for gpu in tf.config.list_physical_devices("GPU") if use_gpu else []:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
 
 
 def cluster_cpus() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -63,7 +64,16 @@ def ray_session(s3_endpoint: str) -> Iterator[None]:
     """One local Ray for the whole session; started after the S3 env so workers inherit nothing they need."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # On a loaded machine Ray's raylet can miss its fixed 30 s start-up window; a second try usually fits.
+    for attempt in range(4):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            break
+        except Exception as error:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(error) or attempt == 3:
+                raise
+            ray.shutdown()
+            time.sleep(10)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from ferray.schema import canonical_label
+from ferray.data.schema import canonical_label
 
 DATA = Path(__file__).resolve().parent / "data"
 FACES_ZIP = DATA / "fer2013-head.zip"
@@ -57,7 +57,7 @@ def _faces() -> list[tuple[str, str, str | None, str, np.ndarray]]:
 @functools.lru_cache(maxsize=1)
 def embedded_table() -> pa.Table:
     """Every fixture face with its real Lite0 (ImageNet, 48 px) embedding, in the embedded-shard schema."""
-    from ferray import backbone
+    from ferray.model import backbones as backbone
     from ferray.config import BackboneSettings
 
     faces = _faces()

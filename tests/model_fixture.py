@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from conftest import SAMPLE_ZIP
-from ferray import model as artifact
-from ferray.backbone import backbone_metadata, build_backbone, resolve_weights
+from ferray.model import artifact
+from ferray.model.backbones import backbone_metadata, build_backbone, resolve_weights
 from ferray.config import Settings
-from ferray.schema import LABEL_INDEX
+from ferray.data.schema import LABEL_INDEX
 
 
 def sample_faces() -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +31,7 @@ def build_artifact(settings: Settings, out: Path) -> Path:
     """Fit the paper's head (Keras 3, in process) on the sample's embeddings and save the artifact."""
     import keras
 
-    from ferray.head import build_head
+    from ferray.model.head import build_head
 
     weights = resolve_weights(settings.backbone)
     backbone = build_backbone(settings.backbone, weights=weights, image_size=settings.faces.size)

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_ZIP
-from ferray import align, faces, ingest
-from ferray import io as fio
+from ferray import faces
+from ferray.data import ingest
+from ferray.faces import stage as align
+from ferray.data import io as fio
 from ferray.config import Settings
 from test_faces import SAMPLES, canvas, load_face
 from test_ingest import assert_conserved, outputs

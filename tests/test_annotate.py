@@ -14,10 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from ferray import annotate, io
+from ferray import annotate
+from ferray.annotate import plan
+from ferray.annotate.detect import DRAFT_SCHEMA, FaceFinder
+from ferray.annotate.job import Job, ModelRef, face_settings, resolve_model, run_key
+from ferray.annotate.label import Labeller
+from ferray.annotate.plan import plan_units
+from ferray.data import io
 from ferray.cli import EXIT_CANNOT_RUN, main
 from ferray.config import Settings, StorageSettings, load_settings
-from ferray.schema import ANNOTATION_SCHEMA, LABELS, VIDEO_SUMMARY_SCHEMA
+from ferray.data.schema import ANNOTATION_SCHEMA, LABELS, VIDEO_SUMMARY_SCHEMA
 from test_faces import SAMPLES, load_face
 from test_video import Expected, build_media, zip_folder
 
@@ -218,25 +224,25 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     assert annotate.run(settings_for(pools="fused"), str(model_dir), source, out).shards_written == 0
 
 
-def _finder(tmp_path: Path, faces: dict[str, Any] | None = None, **knobs: Any) -> annotate.FaceFinder:
+def _finder(tmp_path: Path, faces: dict[str, Any] | None = None, **knobs: Any) -> FaceFinder:
     settings = load_settings(annotate=knobs, faces=faces or {})
-    model = annotate.ModelRef("unused", "v", 48, "gray")
-    face_settings = annotate.face_settings(settings.faces, model)
-    return annotate.FaceFinder(annotate.Job(str(tmp_path), "", StorageSettings(), face_settings, settings.annotate,
-                                            model, annotate.run_key(model, face_settings, settings.annotate)))
+    model = ModelRef("unused", "v", 48, "gray")
+    faces = face_settings(settings.faces, model)
+    return FaceFinder(Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, model,
+                          run_key(model, faces, settings.annotate)))
 
 
 def test_grouped_alignment_gives_the_rows_of_one_at_a_time(media_root: tuple[Path, Expected]) -> None:
     """Frames aligned in groups (detection over the group before landmarks; `annotate.align_group`) give
     the same draft rows, in the same order, as one frame at a time: over images, video frames, bad
     files and faceless pictures, with groups that straddle units."""
-    from ferray.media import Ledger
+    from ferray.annotate.ledger import Ledger
 
     root, expected = media_root
     drafts = {}
     for group in (1, 5):
         finder = _finder(root, align_group=group, **KNOBS)
-        units = annotate.plan_units(finder.tree, finder.tree.files(), Ledger([], finder.job.run_key), finder.settings)
+        units = plan_units(finder.tree, finder.tree.files(), Ledger([], finder.job.run_key), finder.settings)
         drafts[group] = finder.find(units)[0]
     assert drafts[5].equals(drafts[1])
     statuses = set(drafts[1]["status"].to_pylist())
@@ -247,25 +253,25 @@ def test_grouped_alignment_gives_the_rows_of_one_at_a_time(media_root: tuple[Pat
 def test_flip_tta_override_reaches_the_labeller_and_the_run_key(model_dir: Path, tmp_path: Path) -> None:
     """`annotate.flip_tta` classifies with or without the mirrored pass whatever the model says; a run
     key changes only when the setting differs from the model's own choice (reruns redo only then)."""
-    from ferray import model as artifact
+    from ferray.model import artifact
 
     face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
     picture = np.full((300, 300), 128, np.uint8)
     picture[60:252, 60:252] = cv2.resize(face, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
     drafts = pa.Table.from_pylist(_finder(tmp_path).aligned_rows(picture, {}, "x", None, None),
-                                  schema=annotate.DRAFT_SCHEMA)
+                                  schema=DRAFT_SCHEMA)
     assert drafts["status"].to_pylist() == ["ok"]
     chip = np.frombuffer(drafts["chip"][0].as_py(), np.uint8).reshape(1, 48, 48, 1).astype(np.float32)
     loaded = artifact.load(str(model_dir), StorageSettings())
-    ref = annotate.resolve_model(str(model_dir), StorageSettings())
+    ref = resolve_model(str(model_dir), StorageSettings())
     keys = set()
     for flip in (None, ref.flip_tta, not ref.flip_tta):
         settings = load_settings(annotate={"flip_tta": flip})
-        faces = annotate.face_settings(settings.faces, ref)
-        job = annotate.Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, ref,
-                           annotate.run_key(ref, faces, settings.annotate))
+        faces = face_settings(settings.faces, ref)
+        job = Job(str(tmp_path), "", StorageSettings(), faces, settings.annotate, ref,
+                           run_key(ref, faces, settings.annotate))
         keys.add(job.run_key)
-        probs = annotate.Labeller(job)(drafts)["probs"].to_pylist()[0]
+        probs = Labeller(job)(drafts)["probs"].to_pylist()[0]
         assert np.allclose(probs, loaded.predict(chip, flip_tta=flip)[0], atol=1e-5)
     assert len(keys) == 2
     assert not np.allclose(loaded.predict(chip, flip_tta=True), loaded.predict(chip, flip_tta=False), atol=1e-4)
@@ -314,6 +320,9 @@ class Recording:
     def __call__(self, image: np.ndarray, upsample: int) -> Any:
         self.shapes.append(image.shape[:2])
         return self.detector(image, upsample)
+
+    def reach(self, upsample: int) -> float | None:
+        return self.detector.reach(upsample)
 
 
 def test_a_minimum_face_width_detects_on_a_smaller_copy(tmp_path: Path) -> None:
@@ -371,7 +380,7 @@ def test_out_inside_source_is_not_an_input(tmp_path: Path) -> None:
     (tmp_path / "photos/a.jpg").write_bytes(b"x")
     (tmp_path / "labels/timelines").mkdir(parents=True)
     (tmp_path / "labels/timelines/v.mp4.png").write_bytes(b"x")
-    files = annotate._inputs(io.Tree(str(tmp_path), StorageSettings()), str(tmp_path / "labels"), StorageSettings())
+    files = plan.inputs(io.Tree(str(tmp_path), StorageSettings()), str(tmp_path / "labels"), StorageSettings())
     assert [f.relpath for f in files] == ["photos/a.jpg"]
 
 

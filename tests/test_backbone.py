@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferray import backbone, lite0
+from ferray.model import backbones as backbone, lite0
 from ferray.config import BackboneSettings, load_settings
 
 skimage_data = pytest.importorskip("skimage.data")

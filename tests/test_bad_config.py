@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ferray import model as artifact
+from ferray.model import artifact
 from ferray.cli import EXIT_CANNOT_RUN, EXIT_CONFIG
-from ferray.schema import LABELS
+from ferray.data.schema import LABELS
 
 
 def closed_port() -> int:

@@ -24,12 +24,15 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from ferray import annotate, executor, io
+from ferray import executor
+from ferray import annotate
+from ferray.annotate import plan
+from ferray.data import io
 from ferray.cli import main
 from ferray.config import StorageSettings, load_settings
-from ferray.datasets import READERS
-from ferray.ingest import row_id
-from ferray.schema import INGEST_SCHEMA
+from ferray.data.datasets import READERS
+from ferray.data.ingest import row_id
+from ferray.data.schema import INGEST_SCHEMA
 from test_annotate import all_rows
 from test_faces import SAMPLES, canvas, load_face
 from test_ingest import assert_conserved, outputs
@@ -242,7 +245,7 @@ def _deleted_runs(prefix: str, image: bytes, out: dict[str, str]) -> None:
         cli("ingest", "folder", source, out["s3-ingested"])
     with pytest.MonkeyPatch.context() as patch:
         source = _s3_source(f"{prefix}/annotate", {"kept.png": image, "deleted.png": image}, storage)
-        patch.setattr(annotate, "_inputs", _delete_after(annotate._inputs, f"{source}/{CLASS}/deleted.png", storage))
+        patch.setattr(plan, "inputs", _delete_after(plan.inputs, f"{source}/{CLASS}/deleted.png", storage))
         cli("annotate", "default", source, out["s3-annotated"])
 
 
@@ -398,7 +401,7 @@ def test_annotate_keeps_every_file_and_adds_up(runs: Runs) -> None:
     record = io.read_json(io.join(out, io.META, "annotate.json"), LOCAL)
     assert record["summary"]["rows"] == rows.num_rows
     # Each video that decoded gets its summary, a 250-byte name included (shortened to fit).
-    from ferray.media import output_path
+    from ferray.annotate.media import output_path
 
     for case in runs.cases:
         if case.key.endswith(".avi"):
@@ -452,7 +455,7 @@ def test_the_table_is_what_the_runs_gave_and_what_the_docs_say(runs: Runs) -> No
 
 def test_odd_names_get_usable_forms() -> None:
     """The pure helpers behind two fixes: printable names and per-video outputs that fit NAME_MAX."""
-    from ferray.media import NAME_MAX, output_path
+    from ferray.annotate.media import NAME_MAX, output_path
 
     assert io.printable(os.fsdecode(b"a/caf\xe9.png")) == "a/caf%E9.png"
     assert io.printable("a/café.png") == "a/café.png"

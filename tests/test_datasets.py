@@ -11,10 +11,10 @@ import pytest
 
 from conftest import DATA, SAMPLE_ZIP
 from ferray.config import IngestSettings, StorageSettings
-from ferray.datasets import READERS
-from ferray.ingest import build_shard
-from ferray.io import Tree
-from ferray.schema import LABELS
+from ferray.data.datasets import READERS
+from ferray.data.ingest import build_shard
+from ferray.data.io import Tree
+from ferray.data.schema import LABELS
 
 STORAGE = StorageSettings()
 SETTINGS = IngestSettings()

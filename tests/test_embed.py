@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_ZIP
-from ferray import align, embed, ingest
-from ferray.backbone import build_backbone
-from ferray.schema import BACKBONE, EMBEDDING
+from ferray.data import ingest
+from ferray.faces import stage as align
+from ferray.model import embed
+from ferray.model.backbones import build_backbone
+from ferray.data.schema import BACKBONE, EMBEDDING
 from test_ingest import assert_conserved
 
 pytestmark = pytest.mark.usefixtures("ray_session")

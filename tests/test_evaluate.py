@@ -15,12 +15,15 @@ from scipy.special import softmax
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
 from conftest import DATA, SAMPLE_ZIP
-from ferray import align, calibration, embed, evaluate, ingest, paper, scoring
-from ferray import io as fio
-from ferray import model as artifacts
+from ferray.data import ingest
+from ferray.evaluate import calibration, command as evaluate, paper, scoring
+from ferray.faces import stage as align
+from ferray.model import embed
+from ferray.data import io as fio
+from ferray.model import artifact as artifacts
 from ferray.cli import main
 from ferray.config import Settings, StorageSettings, load_settings
-from ferray.schema import LABELS
+from ferray.data.schema import LABELS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

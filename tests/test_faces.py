@@ -16,7 +16,7 @@ from PIL import Image
 from ferray import faces
 from ferray.config import FacesSettings
 from ferray.faces import AlignStage, MissingModelError
-from ferray.schema import ALIGN_FIELDS, BBOX, FACE, FACE_SOURCE, FACES_FOUND
+from ferray.data.schema import ALIGN_FIELDS, BBOX, FACE, FACE_SOURCE, FACES_FOUND
 
 FACES_DIR = Path(__file__).resolve().parent / "data" / "faces"
 SAMPLES = sorted(FACES_DIR.glob("*/*.jpg"))

@@ -26,7 +26,9 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_ZIP
-from ferray import align, annotate, ingest
+from ferray import annotate
+from ferray.data import ingest
+from ferray.faces import stage as align
 from ferray.config import Settings, StorageSettings, load_settings
 from test_annotate import all_rows
 from test_faces import SAMPLES, canvas, load_face

@@ -11,7 +11,7 @@ import pytest
 import tf_keras
 from head_data import arrays, embedded_table
 
-from ferray import head
+from ferray.model import head
 from ferray.config import HeadSettings, TrainSettings
 
 # Chance is 1/7 = 14%. Over five seeds these 140 held-out faces scored 29-33% with their labels

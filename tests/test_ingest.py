@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import FER2013_ZIP, SAMPLE_ZIP
-from ferray import executor, ingest
-from ferray import io as fio
+from ferray import executor
+from ferray.data import ingest
+from ferray.data import io as fio
 from ferray.cli import main
 from ferray.config import Settings, StorageSettings
 

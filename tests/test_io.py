@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from ferray import io as fio
+from ferray.data import io as fio
 from ferray.config import StorageSettings
 
 

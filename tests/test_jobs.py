@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from ferray import io
+from ferray.data import io
 from ferray.config import StorageSettings
 
 REPO = Path(__file__).resolve().parents[1]

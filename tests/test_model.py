@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferray import model as artifact
+from ferray.model import artifact
 from ferray.config import StorageSettings
-from ferray.registry import Registry
+from ferray.model.registry import Registry
 from model_fixture import sample_faces
 
 STORAGE = StorageSettings()
@@ -44,7 +44,7 @@ def test_flip_tta_and_temperature_from_metadata(model_dir: Path, tmp_path: Path)
     assert tuned.max(1).mean() < plain.max(1).mean(), "temperature 2 must soften the probabilities"
 
     # A caller's flip_tta overrides the artifact's: one pass with its temperature, or TTA on a plain model.
-    from ferray.calibration import apply_temperature
+    from ferray.evaluate.calibration import apply_temperature
 
     model = artifact.load(str(model_dir), STORAGE)
     assert np.allclose(artifact.load(str(copy), STORAGE).predict(faces, flip_tta=False), apply_temperature(plain, 2.0),

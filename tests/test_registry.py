@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ferray import io
+from ferray.data import io
 from ferray.config import StorageSettings
-from ferray.registry import (
+from ferray.model.registry import (
     CURRENT,
     DECISIONS,
     DEFAULT_MODEL,

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferray import cli, io, retrain
+from ferray import cli, retrain
+from ferray.data import io
 from ferray.config import ConfigError, load_settings
-from ferray.registry import Registry
-from ferray.schema import LABELS
+from ferray.model.registry import Registry
+from ferray.data.schema import LABELS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

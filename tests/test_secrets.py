@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_ZIP
-from ferray import io
-from ferray import model as artifact
+from ferray.data import io
+from ferray.model import artifact
 from ferray.cli import main
 from ferray.config import load_settings
 from test_faces import SAMPLES, canvas, load_face

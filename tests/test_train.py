@@ -11,7 +11,9 @@ import pyarrow as pa
 import pytest
 from head_data import arrays, embedded_table
 
-from ferray import head, io, train
+from ferray.data import io
+from ferray.model import head
+from ferray.training import train
 from ferray.config import HeadSettings, StorageSettings, TrainSettings
 
 # The fixture is 280 training faces; ten times the paper's rate learns them in a few epochs.

@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from ferray import finetune, io, tune
-from ferray import model as artifacts
-from ferray.backbone import BACKBONE_LAYER, build_backbone
+from ferray.data import io
+from ferray.training import finetune, tune
+from ferray.model import artifact as artifacts
+from ferray.model.backbones import BACKBONE_LAYER, build_backbone
 from ferray.cli import main
 from ferray.config import BackboneSettings, ConfigError, load_settings
 from ferray.demo import sample_path

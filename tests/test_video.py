@@ -1,4 +1,4 @@
-"""Video reading (ferray.video) and annotation planning (ferray.media) on real videos, without Ray.
+"""Video reading (ferray.annotate.video) and annotation planning (ferray.annotate.media) on real videos, without Ray.
 
 Also builds the mixed media archive that tests/test_annotate.py runs end to end: FER-2013 faces
 pasted into larger canvases saved in five image formats, short videos written with OpenCV, and bad
@@ -19,10 +19,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from ferray import io, media, video
+from ferray.annotate import media, video
+from ferray.data import io
 from ferray.config import AnnotateSettings, StorageSettings
-from ferray.media import Ledger, MediaError, Probe, ShardRecord
-from ferray.schema import LABELS, VIDEO_SUMMARY_SCHEMA
+from ferray.annotate.media import MediaError, Probe
+from ferray.annotate.ledger import Ledger, ShardRecord
+from ferray.data.schema import LABELS, VIDEO_SUMMARY_SCHEMA
 from test_faces import SAMPLES, canvas, load_face
 
 STORAGE = StorageSettings()

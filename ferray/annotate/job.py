@@ -1,0 +1,80 @@
+"""What an annotation run is pinned to: the model (resolved once on the driver), face settings and the run key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from ferray.config import AnnotateSettings, FacesSettings, StorageSettings
+from ferray.data import io
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The artifact a run uses: resolved once on the driver (a registry's current version is pinned)."""
+
+    uri: str  # folder, or `….keras` file, that ferray.model.artifact.load takes
+    version: str
+    face_size: int
+    face_color: str
+    flip_tta: bool = False  # the artifact's own `inference.flip_tta`
+
+
+def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
+    """MODEL → the artifact and its `ferray.json`, without loading Keras on the driver."""
+    from ferray.model import artifact
+    from ferray.model.registry import RegistryError, resolve
+
+    try:
+        target = str(artifact.default_model_dir()) if model == artifact.DEFAULT else resolve(model, storage)
+    except RegistryError as error:
+        raise artifact.ModelError(str(error)) from None
+    folder = target.rsplit("/", 1)[0] if target.endswith(".keras") else target
+    model_uri = target if target.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
+    meta_uri = io.join(folder, artifact.META_FILE)
+    if not io.exists(model_uri, storage) or not io.exists(meta_uri, storage):
+        raise artifact.ModelError(f"no model at {model}: need {artifact.MODEL_FILE} and {artifact.META_FILE}")
+    meta = io.read_json(meta_uri, storage)
+    artifact.check_labels(model, meta)  # here, on the driver: not as a failed actor once Ray has started
+    version = artifact.Artifact(uri=folder, model=None, meta=meta).version
+    return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")),
+                    bool(meta.get("inference", {}).get("flip_tta", False)))
+
+
+def face_settings(faces: FacesSettings, model: ModelRef) -> FacesSettings:
+    """Faces as the model was trained on them; annotation keeps every face and never guesses one."""
+    return faces.model_copy(update={"size": model.face_size, "color": model.face_color, "fallback": "none", "keep": "all"})
+
+
+def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -> str:
+    """What output rows depend on: the stage itself, the model version and the settings that change rows or units."""
+    from ferray.annotate.stage import AnnotateStage
+
+    knobs = {
+        "stage": AnnotateStage.identity(),
+        "model_version": model.version,
+        "faces": faces.model_dump(mode="json"),
+        "sampling": {k: getattr(settings, k) for k in ("fps", "every_nth", "segment_seconds", "max_faces")},
+        "detect_max_side": settings.detect_max_side,
+        # The mirrored pass as it will run: the model's own choice unless the settings override it.
+        "flip_tta": model.flip_tta if settings.flip_tta is None else settings.flip_tta,
+        "detect": {"upsample": settings.upsample, "upsample_below": settings.upsample_below},
+    }
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs, resolved on the driver (workers never read the environment)."""
+
+    source: str
+    out: str
+    storage: StorageSettings
+    faces: FacesSettings
+    settings: AnnotateSettings
+    model: ModelRef
+    run_key: str

@@ -1,0 +1,179 @@
+"""The model artifact: `model.keras` (face → backbone → head → 7 probabilities) and `ferray.json`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ferray import __version__
+from ferray.config import Settings, StorageSettings
+from ferray.data import io
+from ferray.data.schema import LABELS
+from ferray.errors import ModelError
+from ferray.model import META_FILE, MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "default"
+
+
+def default_model_dir() -> Path:
+    """The model shipped inside the package (MODEL `default`)."""
+    return Path(str(resources.files("ferray") / "assets" / "default-model"))
+
+
+def assemble(backbone: Any, head_weights: Sequence[np.ndarray]) -> Any:
+    """One Keras 3 model: raw aligned face → frozen backbone → the trained head (dropout off)."""
+    import keras
+
+    from ferray.model.head import head_from_weights
+
+    head = head_from_weights(keras, head_weights)
+    inputs = keras.Input(shape=backbone.input_shape[1:], name="face")
+    return keras.Model(inputs, head(backbone(inputs)), name="ferray")
+
+
+def metadata(settings: Settings, backbone_meta: dict[str, Any], metrics: dict[str, Any], data_fingerprint: str,
+             inference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`ferray.json`: what the model is, what it was trained on, how well it did, how to run it."""
+    return {
+        "format": "ferray-model/1",
+        "labels": list(LABELS),
+        "face_size": settings.faces.size,
+        "face_color": settings.faces.color,
+        "backbone": backbone_meta,
+        "weights_source": backbone_meta.get("weights_source"),
+        "weights_sha256": backbone_meta.get("weights_sha256"),
+        "training_data_fingerprint": data_fingerprint,
+        "metrics": metrics,
+        "inference": {"flip_tta": False, "temperature": 1.0, **(inference or {})},
+        "ferray_version": __version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save(model: Any, meta: dict[str, Any], uri: str, storage: StorageSettings) -> None:
+    """Write `model.keras`, then `ferray.json` (the artifact is complete once its metadata exists)."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / MODEL_FILE
+        model.save(local)
+        io.write_bytes_atomic(io.join(uri, MODEL_FILE), local.read_bytes(), storage)
+    io.write_json(io.join(uri, META_FILE), meta, storage)
+
+
+@dataclass
+class Artifact:
+    """A loaded model and its metadata."""
+
+    uri: str
+    model: Any
+    meta: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version") or self.meta.get("created_at") or self.uri)
+
+    def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
+        """Probabilities for raw aligned faces (N, s, s, c), applying the artifact's TTA and temperature.
+
+        `flip_tta` overrides the artifact's own choice (None keeps it)."""
+        inference = self.meta.get("inference", {})
+        probs = self._predict(faces, batch_size)
+        if inference.get("flip_tta") if flip_tta is None else flip_tta:
+            probs = (probs + self._predict(faces[:, :, ::-1], batch_size)) / 2.0
+        temperature = float(inference.get("temperature", 1.0))
+        if temperature != 1.0:
+            logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+        return probs.astype(np.float32)
+
+    def _predict(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
+        parts = [np.asarray(self._serve(np.ascontiguousarray(faces[i : i + batch_size], np.float32)))
+                 for i in range(0, len(faces), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(LABELS)), np.float32)
+
+    @functools.cached_property
+    def _serve(self) -> Any:
+        """The model as one graph for any batch size: traced once (predict_on_batch traces again for
+        the second batch size it sees, about a CPU-second each)."""
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None, *self.model.input_shape[1:]], tf.float32)
+        return tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+
+
+def check_labels(uri: str, meta: dict[str, Any]) -> None:
+    """Refuse a model whose `ferray.json` does not name ferray's 7 labels in their order."""
+    if meta.get("labels") != list(LABELS):
+        raise ModelError(f"model {uri} predicts {meta.get('labels')}, ferray's labels are {list(LABELS)}")
+
+
+def load(uri: str, storage: StorageSettings) -> Artifact:
+    """Load MODEL (folder, `s3://`, registry, or `default`) in Keras safe mode; check its labels."""
+    from ferray.model.registry import RegistryError, resolve
+
+    try:
+        target = str(default_model_dir()) if uri == DEFAULT else resolve(uri, storage)
+    except RegistryError as error:
+        raise ModelError(str(error)) from None
+    model_uri = target if target.endswith(".keras") else io.join(target, MODEL_FILE)
+    folder = model_uri.rsplit("/", 1)[0]
+    meta_uri = io.join(folder, META_FILE)
+    if not io.exists(model_uri, storage) or not io.exists(meta_uri, storage):
+        hint = " (no default model is shipped in this install)" if uri == DEFAULT else ""
+        raise ModelError(f"no model at {uri}: need {MODEL_FILE} and {META_FILE}{hint}")
+    meta = io.read_json(meta_uri, storage)
+    check_labels(uri, meta)
+    local = io.fetch_cached(model_uri, storage)
+    # Keras (and TensorFlow's start-up chatter) only after the checks: a wrong MODEL fails in one line.
+    import keras
+
+    try:
+        model = keras.saving.load_model(local, compile=False, safe_mode=True)
+    except (ValueError, TypeError, OSError) as error:
+        raise ModelError(f"cannot load {model_uri} in safe mode: {' '.join(str(error).split())[:300]}") from None
+    return Artifact(uri=folder, model=model, meta=meta)
+
+
+def training_datasets(source: str, storage: StorageSettings) -> list[str]:
+    """Which datasets an embedded input holds (so reports can name the paper's comparison)."""
+    import pyarrow.compute as pc
+
+    names: set[str] = set()
+    for uri in io.completed_shards(source, storage):
+        names.update(v for v in pc.unique(io.read_parquet(uri, storage, ["dataset"])["dataset"]).to_pylist() if v)
+    return sorted(names)
+
+
+def from_training(settings: Settings, result: Any, model_out: str, source: str) -> Artifact:
+    """After `ferray train`: the trained head on the backbone that made the embeddings → MODEL_OUT."""
+    from ferray.model.backbones import backbone_fingerprint, backbone_metadata, build_backbone, resolve_weights
+    from ferray.training.train import load_head_weights
+
+    storage = settings.storage.resolved()
+    fetch = functools.partial(io.fetch_cached, storage=storage)
+    weights = resolve_weights(settings.backbone, fetch)
+    expected = backbone_fingerprint(settings.backbone, weights, image_size=settings.faces.size)
+    if result.backbone and result.backbone != expected:
+        raise ModelError(f"the embeddings were made by {result.backbone}; settings describe {expected} "
+                         "(set backbone.* and faces.size as they were for `ferray embed`)")
+    backbone = build_backbone(settings.backbone, fetch, weights=weights, image_size=settings.faces.size)
+    model = assemble(backbone, load_head_weights(model_out, storage))
+    metrics = {"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+               "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "rows": result.rows,
+               "skipped": result.skipped, "seconds": result.seconds, "head": result.head, "train": result.train}
+    meta = metadata(settings, backbone_metadata(settings.backbone, weights, settings.faces.size), metrics,
+                    result.data_fingerprint)
+    meta["training_dataset"] = training_datasets(source, storage)
+    save(model, meta, model_out, storage)
+    log.info("model artifact written to %s", model_out)
+    return Artifact(uri=model_out, model=model, meta=meta)
