@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -457,6 +457,13 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     annotate: AnnotateSettings = AnnotateSettings()
+    # The YAML file the tree was read from, as its user named it (an artifact records which experiment made it).
+    _config_file: str | None = PrivateAttr(default=None)
+
+    @property
+    def config_file(self) -> str | None:
+        """The experiment file: relative to the working folder when inside it, else its name alone."""
+        return self._config_file
 
     @classmethod
     def settings_customise_sources(
@@ -504,6 +511,14 @@ def _unknown_environment() -> str | None:
     return None
 
 
+def _experiment_name(path: Path) -> str:
+    """A config path as an artifact may record it: never a machine path."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings tree once, on the driver; raise ConfigError with one clear line."""
     unknown = _unknown_environment()
@@ -517,7 +532,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
             raise ConfigError(f"config file not found: {path}")
     token = _YAML_FILE.set(path)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        settings._config_file = None if path is None else _experiment_name(path)
+        return settings
     except ValidationError as error:
         raise ConfigError(f"invalid setting {_describe(error)}") from None
     except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable or malformed YAML
