@@ -537,8 +537,11 @@ def _video_key(relpath: str, units: list[tuple[str, int, int, int]], run: str, s
     return hashlib.sha256(json.dumps([run, sorted(units), tracks.knobs(settings)], sort_keys=True).encode()).hexdigest()
 
 
-def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[ShardRecord], threads: int) -> int:
-    """A summary row (`OUT/videos/<path>.parquet`) and timeline (`OUT/timelines/<path>.png`) per finished video.
+def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[ShardRecord], threads: int,
+                          redo: frozenset[str] = frozenset()) -> int:
+    """A summary row (`OUT/videos/<path>.parquet`) and timeline (`OUT/timelines/<path>.png`) per finished video,
+    its tracks (`OUT/tracks/<path>.parquet`, and their columns in its shards); again for the videos in
+    `redo` (a shard of theirs was written afresh, without track columns).
 
     A name too long to take the suffix is shortened (`media.output_path`).
     """
@@ -559,7 +562,9 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
 
     def stale(item: tuple[str, tuple[io.TreeFile, str]]) -> bool:
         marker = io.join(job.out, VIDEOS, io.MARKERS, media.output_path(item[0], ".json"))
-        return not io.exists(marker, job.storage) or io.read_json(marker, job.storage).get("fingerprint") != item[1][1]
+        if item[0] in redo or not io.exists(marker, job.storage):
+            return True
+        return io.read_json(marker, job.storage).get("fingerprint") != item[1][1]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         todo = [item for item, redo in zip(wanted.items(), pool.map(stale, wanted.items())) if redo]
@@ -638,7 +643,8 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
             media.remove_shard(out, storage, record.shard)
         summary.extra["shards_superseded"] = len(ledger.others)
         log.info("annotate: removed %d shards of earlier models or settings", len(ledger.others))
-    videos = write_video_summaries(job, files, ledger.current + written, threads)
+    fresh = frozenset(key[0] for record in written for key in record.units)
+    videos = write_video_summaries(job, files, ledger.current + written, threads, fresh)
     summary.extra["video_summaries_written"] = videos
     _finish(summary, files)
     summary.seconds = round(time.perf_counter() - started, 2)

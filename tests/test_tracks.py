@@ -5,6 +5,7 @@ one-second segments on two actors, and whole; rerun and resumed."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,188 @@ def test_a_videos_tracks_fill_its_shards_beside_the_raw_columns(tmp_path: Path) 
 
     empty = tracks.video_tracks("v.mp4", "v1", rows.slice(4, 1), AnnotateSettings())
     assert empty.count == 0 and empty.columns.num_rows == 0 and empty.summary_table().num_rows == 0
+
+
+# --------------------------------------------------------------------------- end to end, real faces
+
+
+def face(name: str) -> np.ndarray:
+    return load_face(FACES_DIR / name)
+
+
+# Faces the shipped model labels confidently once pasted 3× into a frame and aligned (p ≥ 0.87).
+HAPPY, HAPPY2 = face("happy/Training_31640219.jpg"), face("happy/Training_66392847.jpg")
+NEUTRAL, NEUTRAL2 = face("neutral/Training_46391521.jpg"), face("neutral/Training_58936448.jpg")
+SURPRISE = face("surprise/Training_95708850.jpg")
+LEFT, RIGHT = still(40, 48), still(296, 48)
+
+SCENES: dict[str, Scene] = {
+    # Two people side by side; the left one happy then surprised at 3 s, the right one neutral then happy at 2 s.
+    "interview.mp4": Scene([Person("left", [(0, 3, "happy", HAPPY), (3, 6, "surprise", SURPRISE)], LEFT),
+                            Person("right", [(0, 2, "neutral", NEUTRAL), (2, 6, "happy", HAPPY2)], RIGHT)],
+                           seconds=6, jitter=2, seed=1),
+    # Two people walking through each other (the second drawn over the first where they overlap).
+    "crossing.mp4": Scene([Person("a", [(0, 6, "happy", HAPPY)], moving(10, 326, 0, 6)),
+                           Person("b", [(0, 6, "neutral", NEUTRAL2)], moving(326, 10, 96, 6))], seconds=6, seed=2),
+    # The right one leaves at 2 s and comes back surprised at 5 s (longer than track_gap_seconds: a new track).
+    "leaving.mp4": Scene([Person("left", [(0, 8, "neutral", NEUTRAL)], LEFT),
+                          Person("right", [(0, 2, "happy", HAPPY2), (5, 8, "surprise", SURPRISE)], RIGHT,
+                                 hidden=[(2, 5)])], seconds=8, jitter=1, seed=3),
+    # The left face is missing from one sampled frame (1.5 s) only.
+    "missed.mp4": Scene([Person("left", [(0, 4, "neutral", NEUTRAL)], LEFT, hidden=[(1.5, 1.6)]),
+                         Person("right", [(0, 4, "happy", HAPPY)], RIGHT)], seconds=4, seed=4),
+}
+
+
+def track_settings(**knobs: Any) -> Any:
+    return load_settings(ray={"progress_bars": False}, annotate={"segment_seconds": 1.0, "shard_frames": 8, **knobs})
+
+
+def video_rows(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every ok video row of OUT by video name, in frame and face order."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for uri in io.completed_shards(str(out), STORAGE):
+        table = io.read_parquet(uri, STORAGE)
+        assert table.schema == ANNOTATION_SCHEMA
+        for row in table.to_pylist():
+            if row["media_type"] == "video":
+                rows.setdefault(row["source_path"].rsplit("/", 1)[-1], []).append(row)
+    return {name: sorted(r, key=lambda r: (r["frame_index"], r["face_index"])) for name, r in rows.items()}
+
+
+def track_rows(out: Path, name: str) -> list[dict[str, Any]]:
+    table = io.read_parquet(str(out / "tracks" / f"{name}.parquet"), STORAGE)
+    assert table.schema == TRACK_SUMMARY_SCHEMA
+    return table.to_pylist()
+
+
+@pytest.fixture(scope="module")
+def scenes_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scenes") / "source"
+    for name, scene in SCENES.items():
+        scene.write(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def segmented(ray_session: None, scenes_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The videos cut into one-second segments, spread over shards and both actors."""
+    out = tmp_path_factory.mktemp("tracked") / "out"
+    summary = annotate.run(track_settings(), "default", str(scenes_source), str(out))
+    assert summary.shards_written >= 4 and summary.extra["video_summaries_written"] == len(SCENES)
+    return out
+
+
+def by_person(name: str, rows: list[dict[str, Any]]) -> dict[str, set[int]]:
+    """Person → the track ids of the rows that show them."""
+    scene = SCENES[name]
+    found: dict[str, set[int]] = {}
+    for row in rows:
+        found.setdefault(scene.who(row["timestamp_s"], row["bbox"]), set()).add(row["track_id"])
+    return found
+
+
+def test_every_video_face_row_has_a_track_and_smoothed_labels(segmented: Path) -> None:
+    rows = video_rows(segmented)
+    assert set(rows) == set(SCENES)
+    for name, mine in rows.items():
+        assert len({r["unit"] for r in mine}) > 2, "the video was cut into segments"
+        for row in mine:
+            assert row["track_id"] is not None and row["smoothed_label"] is not None, (name, row)
+            assert np.sum(row["smoothed_probs"]) == pytest.approx(1.0, abs=1e-4)
+            assert row["smoothed_label"] == int(np.argmax(row["smoothed_probs"]))
+            assert row["smoothed_label_name"] == LABELS[row["smoothed_label"]]
+            assert row["label"] == int(np.argmax(row["probs"])), "the raw columns are the model's own"
+
+
+def test_two_people_side_by_side_one_track_each_with_the_known_expressions(segmented: Path) -> None:
+    rows = video_rows(segmented)["interview.mp4"]
+    people = by_person("interview.mp4", rows)
+    assert {k: len(v) for k, v in people.items()} == {"left": 1, "right": 1}
+    (left,), (right,) = people["left"], people["right"]
+    summaries = {s["track_id"]: s for s in track_rows(segmented, "interview.mp4")}
+    assert set(summaries) == {left, right}
+    for track, shares in ((left, {"happy": 0.5, "surprise": 0.5}), (right, {"neutral": 1 / 3, "happy": 2 / 3})):
+        s = summaries[track]
+        assert (s["first_seen_s"], s["last_seen_s"], s["seconds_on_screen"], s["frames_seen"]) == (0.0, 5.5, 6.0, 12)
+        assert s["frames_missed"] == 0 and s["smoothing_s"] == 1.5
+        for label in LABELS:
+            assert s[f"share_{label}"] == pytest.approx(shares.get(label, 0.0), abs=0.09), (track, label)
+    # Frame by frame, the smoothed label follows the known times (raw ones may flicker).
+    scene = SCENES["interview.mp4"]
+    right_rows = [r for r in rows if r["track_id"] == right]
+    hits = [r["smoothed_label_name"] == scene.truth("right", r["timestamp_s"]) for r in right_rows]
+    assert sum(hits) >= len(hits) - 1
+    summary = io.read_parquet(str(segmented / "videos/interview.mp4.parquet"), STORAGE)
+    assert summary.schema == VIDEO_SUMMARY_SCHEMA
+    row = summary.to_pylist()[0]
+    assert row["tracks"] == 2 and row["tracks_timeline"].endswith("timelines/interview.mp4.tracks.png")
+    png = (segmented / "timelines/interview.mp4.tracks.png").read_bytes()
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def test_two_people_crossing_keep_their_tracks(segmented: Path) -> None:
+    rows = video_rows(segmented)["crossing.mp4"]
+    people = by_person("crossing.mp4", rows)
+    assert {k: len(v) for k, v in people.items()} == {"a": 1, "b": 1}, people
+    assert people["a"] != people["b"]
+    assert len(track_rows(segmented, "crossing.mp4")) == 2
+
+
+def test_a_person_who_leaves_and_comes_back_gets_a_new_track(segmented: Path) -> None:
+    rows = video_rows(segmented)["leaving.mp4"]
+    people = by_person("leaving.mp4", rows)
+    assert len(people["left"]) == 1 and len(people["right"]) == 2
+    summaries = {s["track_id"]: s for s in track_rows(segmented, "leaving.mp4")}
+    assert len(summaries) == 3
+    (left,) = people["left"]
+    first, second = sorted(people["right"])
+    assert (summaries[left]["first_seen_s"], summaries[left]["last_seen_s"]) == (0.0, 7.5)
+    assert (summaries[first]["first_seen_s"], summaries[first]["last_seen_s"]) == (0.0, 1.5)
+    assert (summaries[second]["first_seen_s"], summaries[second]["last_seen_s"]) == (5.0, 7.5)
+    assert second == 2 and summaries[second]["seconds_on_screen"] == 3.0, "the newest track"
+    assert summaries[first]["dominant_label_name"] == "happy" and summaries[second]["dominant_label_name"] == "surprise"
+
+
+def test_a_face_missed_for_a_frame_keeps_its_track(segmented: Path) -> None:
+    rows = video_rows(segmented)["missed.mp4"]
+    people = by_person("missed.mp4", rows)
+    assert {k: len(v) for k, v in people.items()} == {"left": 1, "right": 1}
+    assert [r["timestamp_s"] for r in rows if r["track_id"] in people["left"]] == [
+        k / 2 for k in range(8) if k != 3], "the face is missing at 1.5 s"
+    summaries = {s["track_id"]: s for s in track_rows(segmented, "missed.mp4")}
+    (left,) = people["left"]
+    assert summaries[left]["frames_missed"] == 1 and summaries[left]["seconds_on_screen"] == 4.0
+    assert summaries[left]["frames_seen"] == 7
+
+
+def test_tracks_do_not_depend_on_segments_and_survive_reruns(segmented: Path, scenes_source: Path,
+                                                             tmp_path: Path) -> None:
+    """The same videos as one segment each: the same track ids and smoothed labels, row for row. A rerun
+    writes nothing; a run resumed after losing a shard redoes it and puts the same tracks back."""
+    def tracks_of(out: Path) -> dict[str, tuple[Any, ...]]:
+        return {r["id"]: (r["track_id"], r["smoothed_label"]) for rows in video_rows(out).values() for r in rows}
+
+    expected = tracks_of(segmented)
+    whole = tmp_path / "whole"
+    annotate.run(track_settings(segment_seconds=60.0), "default", str(scenes_source), str(whole))
+    assert tracks_of(whole) == expected
+
+    out = tmp_path / "resumed"
+    shutil.copytree(segmented, out)
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert annotate.run(track_settings(), "default", str(scenes_source), str(out)).shards_written == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files, "a rerun writes nothing"
+    # A crash lost the shard holding a middle segment of leaving.mp4 (its marker and data).
+    stats = [io.read_json(str(p), STORAGE) for p in (out / "_stats").glob("*.json")]
+    lost = next(s["shard"] for s in stats if any(u[0] == "leaving.mp4" and u[2] == 3 for u in s["units"]))
+    (out / "_markers" / f"{lost}.json").unlink()
+    (out / f"{lost}.parquet").unlink()
+    resumed = annotate.run(track_settings(), "default", str(scenes_source), str(out))
+    assert resumed.shards_written == 1 and resumed.extra["video_summaries_written"] >= 1
+    assert tracks_of(out) == expected
+    # Smoothing off (a setting of the track pass only): no shard is redone, smoothed columns emptied.
+    off = annotate.run(track_settings(smooth_seconds=0), "default", str(scenes_source), str(out))
+    assert off.shards_written == 0 and off.extra["video_summaries_written"] == len(SCENES)
+    assert {v[1] for v in tracks_of(out).values()} == {None}
+    assert {k: v[0] for k, v in tracks_of(out).items()} == {k: v[0] for k, v in expected.items()}
