@@ -206,10 +206,8 @@ class VideoTracks:
 
 def video_tracks(source_path: str, model_version: str, rows: pa.Table, settings: AnnotateSettings) -> VideoTracks:
     """Link, smooth and summarise every face row of one video (`rows`: all its rows, any order, COLUMNS)."""
-    statuses = rows["status"].to_numpy(zero_copy_only=False)
-    times_all = rows["timestamp_s"].to_numpy(zero_copy_only=False)
-    sampled = np.array([t for t, s in zip(times_all, statuses) if s in (STATUS_OK, NO_FACE) and t is not None
-                        and not (isinstance(t, float) and math.isnan(t))], np.float64)
+    framed = pc.and_(pc.is_in(rows["status"], pa.array([STATUS_OK, NO_FACE])), pc.is_valid(rows["timestamp_s"]))
+    sampled = rows["timestamp_s"].filter(framed).to_numpy()  # every sampled frame, with a face or not
     faces = rows.filter(pc.and_(pc.equal(rows["status"], STATUS_OK), pc.is_valid(rows["frame_index"])))
     faces = faces.sort_by([("frame_index", "ascending"), ("face_index", "ascending")])
     n = faces.num_rows

@@ -24,9 +24,12 @@ class Person:
     """Who is on screen when, where (top-left of the pasted face, a function of time) and how they feel."""
 
     name: str
-    expressions: list[tuple[float, float, str, np.ndarray]]  # (from s, to s, label name, 48×48 face)
+    # (from s, to s, label name, a 48×48 face, or a list of faces of that expression shown in turn,
+    # a new one every 1/`turns` s: frame-to-frame variation, so the model's errors are independent)
+    expressions: list[tuple[float, float, str, np.ndarray | list[np.ndarray]]]
     at: Callable[[float], tuple[float, float]]
     hidden: list[tuple[float, float]] = field(default_factory=list)  # [from, to) off screen
+    turns: float = 10.0
 
     def label(self, t: float) -> str | None:
         """The expression shown at time t, None when off screen."""
@@ -37,7 +40,8 @@ class Person:
     def face(self, t: float) -> np.ndarray | None:
         if self.label(t) is None:
             return None
-        return next(face for a, b, _, face in self.expressions if a <= t < b)
+        face = next(face for a, b, _, face in self.expressions if a <= t < b)
+        return face[int(t * self.turns + 1e-6) % len(face)] if isinstance(face, list) else face
 
 
 def still(x: float, y: float) -> Callable[[float], tuple[float, float]]:

@@ -286,7 +286,7 @@ def test_two_people_side_by_side_one_track_each_with_the_known_expressions(segme
     for track, shares in ((left, {"happy": 0.5, "surprise": 0.5}), (right, {"neutral": 1 / 3, "happy": 2 / 3})):
         s = summaries[track]
         assert (s["first_seen_s"], s["last_seen_s"], s["seconds_on_screen"], s["frames_seen"]) == (0.0, 5.5, 6.0, 12)
-        assert s["frames_missed"] == 0 and s["smoothing_s"] == 1.5
+        assert s["frames_missed"] == 0 and s["smoothing_s"] == 2.0
         for label in LABELS:
             assert s[f"share_{label}"] == pytest.approx(shares.get(label, 0.0), abs=0.09), (track, label)
     # Frame by frame, the smoothed label follows the known times (raw ones may flicker).
