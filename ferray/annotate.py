@@ -567,7 +567,7 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
         return io.read_json(marker, job.storage).get("fingerprint") != item[1][1]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        todo = [item for item, redo in zip(wanted.items(), pool.map(stale, wanted.items())) if redo]
+        todo = [item for item, again in zip(wanted.items(), pool.map(stale, wanted.items())) if again]
     if not todo:
         return 0
     columns = ["unit", "source_path", "media_type", *tracks.COLUMNS]
