@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ferray import io, media, video
+from ferray import io, media, tracks, video
 from ferray.config import AnnotateSettings, FacesSettings, Settings, StorageSettings
 from ferray.faces import TOO_SMALL, AlignResult, align_images, detector_reach, load_detector, load_predictor, too_small
 from ferray.images import DecodeError, open_checked, to_array
 from ferray.media import Ledger, MediaError, ShardRecord, Unit
-from ferray.schema import ANNOTATION_SCHEMA, LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
+from ferray.schema import ANNOTATION_SCHEMA, LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, TRACK_FIELDS, status
 from ferray.shards import Summary, shard_stats
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ VIDEOS = "videos"
 TIMELINES = "timelines"
 # What detection hands to classification: the annotation columns known so far, plus the raw chip.
 DRAFT_SCHEMA = pa.schema(
-    [f for f in ANNOTATION_SCHEMA if f.name not in ("label", "label_name", "confidence", "probs", "model_version")]
+    [f for f in ANNOTATION_SCHEMA
+     if f.name not in ("label", "label_name", "confidence", "probs", "model_version") and f not in TRACK_FIELDS]
     + [pa.field("chip", pa.binary())]
 )
 
@@ -305,6 +306,7 @@ class Labeller:
         columns["confidence"] = pa.array(confidences, pa.float32())
         columns["probs"] = pa.array(probs_column, ANNOTATION_SCHEMA.field("probs").type)
         columns["model_version"] = pa.array([self.job.model.version] * n, pa.string())
+        columns.update({f.name: pa.nulls(n, f.type) for f in TRACK_FIELDS})  # filled once the video is done
         return pa.table({name: columns[name] for name in ANNOTATION_SCHEMA.names}, schema=ANNOTATION_SCHEMA)
 
 
@@ -531,12 +533,15 @@ def prune_replaced(job: Job, record: ShardRecord, sizes: dict[str, int]) -> None
 # --------------------------------------------------------------------------- per-video summaries
 
 
-def _video_key(relpath: str, units: list[tuple[str, int, int, int]], run: str) -> str:
-    return hashlib.sha256(json.dumps([run, sorted(units)]).encode()).hexdigest()
+def _video_key(relpath: str, units: list[tuple[str, int, int, int]], run: str, settings: AnnotateSettings) -> str:
+    return hashlib.sha256(json.dumps([run, sorted(units), tracks.knobs(settings)], sort_keys=True).encode()).hexdigest()
 
 
-def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[ShardRecord], threads: int) -> int:
-    """A summary row (`OUT/videos/<path>.parquet`) and timeline (`OUT/timelines/<path>.png`) per finished video.
+def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[ShardRecord], threads: int,
+                          redo: frozenset[str] = frozenset()) -> int:
+    """A summary row (`OUT/videos/<path>.parquet`) and timeline (`OUT/timelines/<path>.png`) per finished video,
+    its tracks (`OUT/tracks/<path>.parquet`, and their columns in its shards); again for the videos in
+    `redo` (a shard of theirs was written afresh, without track columns).
 
     A name too long to take the suffix is shortened (`media.output_path`).
     """
@@ -552,24 +557,27 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
     wanted = {}
     for file in files:
         if file.relpath and media.media_type(file.relpath) == MEDIA_VIDEO and ledger.covers(file):
-            wanted[file.relpath] = (file, _video_key(file.relpath, where[(file.relpath, file.size)], job.run_key))
+            units = where[(file.relpath, file.size)]
+            wanted[file.relpath] = (file, _video_key(file.relpath, units, job.run_key, job.settings))
 
     def stale(item: tuple[str, tuple[io.TreeFile, str]]) -> bool:
         marker = io.join(job.out, VIDEOS, io.MARKERS, media.output_path(item[0], ".json"))
-        return not io.exists(marker, job.storage) or io.read_json(marker, job.storage).get("fingerprint") != item[1][1]
+        if item[0] in redo or not io.exists(marker, job.storage):
+            return True
+        return io.read_json(marker, job.storage).get("fingerprint") != item[1][1]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        todo = [item for item, redo in zip(wanted.items(), pool.map(stale, wanted.items())) if redo]
+        todo = [item for item, again in zip(wanted.items(), pool.map(stale, wanted.items())) if again]
     if not todo:
         return 0
-    columns = ["unit", "source_path", "media_type", "frame_index", "timestamp_s", "face_index", "label", "confidence",
-               "probs", "status"]
+    columns = ["unit", "source_path", "media_type", *tracks.COLUMNS]
     needed = sorted({shard for relpath, _ in todo for shard in shards_of[relpath]})
     with ThreadPoolExecutor(max_workers=threads) as pool:
         tables = list(pool.map(lambda s: read_shard_rows(job.out, job.storage, s, columns), needed))
     everything = pa.concat_tables(tables)
     rows = everything.filter(pc.equal(everything["media_type"], MEDIA_VIDEO))
     relpaths = np.array([_unit_relpath(u, MEDIA_VIDEO) for u in rows["unit"].to_pylist()], dtype=object)
+    track_columns: list[pa.Table] = []
     for relpath, (file, fingerprint) in todo:
         mine = rows.filter(pa.array(relpaths == relpath, pa.bool_()))
         source_path = mine["source_path"][0].as_py() if mine.num_rows else relpath
@@ -577,8 +585,15 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
         summary = video.summarize(source_path, job.model.version, mine, timeline)
         if summary["frames_sampled"]:
             io.write_bytes_atomic(timeline, video.timeline_png(relpath, mine), job.storage)
+        # Face tracks over the whole video (ferray.tracks): their summaries and timeline now, their
+        # columns into the shards below, before any marker says the video is done.
+        found = tracks.video_tracks(source_path, job.model.version, mine, job.settings)
+        summary.update(tracks.write_video(job.out, job.storage, relpath, found, summary["duration_s"]))
+        track_columns.append(found.columns)
         io.write_parquet(video.summary_table(summary), io.join(job.out, VIDEOS, media.output_path(relpath, ".parquet")),
                          job.storage)
+    tracks.fill_shards(job.out, job.storage, needed, pa.concat_tables(track_columns), threads)
+    for relpath, (_, fingerprint) in todo:
         io.write_json(io.join(job.out, VIDEOS, io.MARKERS, media.output_path(relpath, ".json")),
                       {"fingerprint": fingerprint}, job.storage)
     return len(todo)
@@ -628,7 +643,8 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
             media.remove_shard(out, storage, record.shard)
         summary.extra["shards_superseded"] = len(ledger.others)
         log.info("annotate: removed %d shards of earlier models or settings", len(ledger.others))
-    videos = write_video_summaries(job, files, ledger.current + written, threads)
+    fresh = frozenset(key[0] for record in written for key in record.units)
+    videos = write_video_summaries(job, files, ledger.current + written, threads, fresh)
     summary.extra["video_summaries_written"] = videos
     _finish(summary, files)
     summary.seconds = round(time.perf_counter() - started, 2)
