@@ -129,8 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     annotate.add_argument("--every-nth", type=int, help="sample every Nth video frame instead (annotate.every_nth)")
     annotate.add_argument("--segment-seconds", type=float, help="video segment length shared out to workers")
     annotate.add_argument("--gpus", type=float, help="GPUs per classifying actor (annotate.num_gpus)")
+    annotate.add_argument("--smooth-seconds", type=float, help="window of each face track's smoothed label "
+                          "(annotate.smooth_seconds, default 2; 0 = off)")
     annotate.set_defaults(handler=_cmd_annotate, overrides=lambda a: {"annotate": {
-        "fps": a.fps, "every_nth": a.every_nth, "segment_seconds": a.segment_seconds, "num_gpus": a.gpus}})
+        "fps": a.fps, "every_nth": a.every_nth, "segment_seconds": a.segment_seconds, "num_gpus": a.gpus,
+        "smooth_seconds": a.smooth_seconds}})
 
     train = commands.add_parser("train", parents=[common], help="fit the head on embeddings with Ray Train; write the model")
     train.add_argument("input", metavar="IN", help="embedded shards (folder or s3:// prefix)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -252,6 +252,16 @@ class AnnotateSettings(Section):
     probe_threads: int = Field(default=8, ge=1, le=256)
     # Once every input is annotated by the current model and settings, remove shards of earlier ones.
     supersede: bool = True
+    # Face tracks (ferray.annotate.tracks), linked once all of a video's segments are done; changing these redoes
+    # only that pass, never detection or classification. A face links to the track whose predicted
+    # box is nearest: its centre at most `track_max_shift` face widths away, its width within 2x.
+    # A track not seen for `track_gap_seconds` ends (a person who comes back later gets a new track);
+    # shorter gaps (a missed detection, a turned head) keep the track. `smooth_seconds`: the centred
+    # window of a track's smoothed probabilities and label (0 = off; raw columns are never changed).
+    # Smoothing steadies the labels; it does not correct the model (figures: docs/settings.md).
+    track_gap_seconds: float = Field(default=2.0, gt=0, le=3600)
+    track_max_shift: float = Field(default=1.0, gt=0, le=100)
+    smooth_seconds: float = Field(default=2.0, ge=0, le=3600)
 
 
 class HeadSettings(Section):
@@ -455,6 +465,13 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     annotate: AnnotateSettings = AnnotateSettings()
+    # The YAML file the tree was read from, as its user named it (an artifact records which experiment made it).
+    _config_file: str | None = PrivateAttr(default=None)
+
+    @property
+    def config_file(self) -> str | None:
+        """The experiment file: relative to the working folder when inside it, else its name alone."""
+        return self._config_file
 
     @classmethod
     def settings_customise_sources(
@@ -502,6 +519,14 @@ def _unknown_environment() -> str | None:
     return None
 
 
+def _experiment_name(path: Path) -> str:
+    """A config path as an artifact may record it: never a machine path."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings tree once, on the driver; raise ConfigError with one clear line."""
     unknown = _unknown_environment()
@@ -515,7 +540,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
             raise ConfigError(f"config file not found: {path}")
     token = _YAML_FILE.set(path)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        settings._config_file = None if path is None else _experiment_name(path)
+        return settings
     except ValidationError as error:
         raise ConfigError(f"invalid setting {_describe(error)}") from None
     except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable or malformed YAML

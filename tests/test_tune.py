@@ -101,3 +101,61 @@ def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(a
     # A rerun of the same job finds the finished run and does nothing.
     again = tune.run(settings, aligned, out)
     assert again.starts == result.starts and again.seconds == result.seconds
+
+
+def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(aligned: str, tmp_path: Path) -> None:
+    """MixUp/CutMix, square-root class weights and EMA on the backbone of an earlier run; the artifact
+    names that parent by fingerprint and the experiment file by name, never by a machine path. A run
+    stopped mid-way and rerun with its budget lowered finishes at once with its best epoch so far."""
+    first = str(tmp_path / "first")
+    tune.run(load_settings(ray={"progress_bars": False}, finetune={"unfreeze": "all", **QUICK, "epochs": 1}), aligned, first)
+    parent = json.loads((Path(first) / artifacts.META_FILE).read_text())
+    config = tmp_path / "second-cycle.yaml"
+    config.write_text(f"backbone: {{weights: 'artifact:{first}'}}\n"
+                      "finetune: {unfreeze: all, mixup: 0.2, cutmix: 1.0, mix_prob: 1.0, ema: 0.9, class_weight: sqrt}\n")
+    recipe = {"unfreeze": "all", **QUICK, "epochs": 3}
+    settings = load_settings(config, ray={"progress_bars": False}, finetune=recipe, train={"max_failures": 0})
+    assert settings.finetune.ema == 0.9 and settings.config_file == "second-cycle.yaml"
+    second = str(tmp_path / "second")
+
+    def stop_in_epoch_two(rank: int, epoch: int) -> None:
+        if epoch == 1:
+            os._exit(1)
+
+    with pytest.raises(Exception):
+        tune.run(settings, aligned, second, epoch_hook=stop_in_epoch_two)
+    lowered = load_settings(config, ray={"progress_bars": False}, finetune={**recipe, "time_budget_s": 1e-3})
+    result = tune.run(lowered, aligned, second)
+    assert result.epochs_run == 1 and result.best_epoch == 1 and result.stopped_early and result.starts == [0]
+
+    text = (Path(second) / artifacts.META_FILE).read_text()
+    meta = json.loads(text)
+    assert str(tmp_path) not in text and "/tmp" not in text
+    assert meta["experiment"] == "second-cycle.yaml"
+    assert meta["backbone"]["parent"]["fingerprint"] == parent["backbone"]["fingerprint"]
+    assert meta["backbone"]["weights_source"] == f"fine-tuned from artifact:{parent['backbone']['fingerprint']}"
+    assert result.finetune["cutmix"] == 1.0
+
+
+def test_mixing_keeps_labels_in_the_share_of_pixels_kept() -> None:
+    from ferray.config import FineTuneSettings
+    from ferray.head import class_weights
+
+    rng = np.random.default_rng(0)
+    x = np.stack([np.full((48, 48, 1), v, np.float32) for v in (0.0, 100.0, 200.0, 250.0)])
+    y = np.eye(7, dtype=np.float32)[[0, 1, 2, 3]]
+    for kind in ("mixup", "cutmix"):
+        mixed, soft = finetune.mix(x, y, kind, 1.0, rng)
+        np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
+        # Each face is made of two originals; the label says in what share.
+        for face, label in zip(mixed, soft):
+            values = np.array([0.0, 100.0, 200.0, 250.0])
+            assert face.mean() == pytest.approx(float(label[:4] @ values), rel=1e-5)
+    recipe = FineTuneSettings(unfreeze="all", batch_size=3, mixup=0.2, mix_prob=0.0)
+    batches = finetune.MixedBatches(np.zeros((7, 48, 48, 1), np.uint8), np.arange(7) % 2, recipe, 7,
+                                    class_weights([4, 3, 0, 0, 0, 0, 0], "sqrt"))
+    xb, yb, sw = batches[0]
+    assert len(batches) == 3 and xb.dtype == np.float32 and set(yb.sum(axis=1)) == {1.0}
+    weights = class_weights([4, 3, 0, 0, 0, 0, 0], "sqrt")
+    assert weights[1] > weights[0] and float(weights[:2] @ [4, 3]) == pytest.approx(7.0)
+    assert set(np.round(sw, 5)) <= set(np.round(weights[:2], 5))

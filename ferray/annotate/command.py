@@ -60,7 +60,8 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
             remove_shard(out, storage, record.shard)
         summary.extra["shards_superseded"] = len(ledger.others)
         log.info("annotate: removed %d shards of earlier models or settings", len(ledger.others))
-    videos = write_video_summaries(job, files, ledger.current + written, threads)
+    fresh = frozenset(key[0] for record in written for key in record.units)
+    videos = write_video_summaries(job, files, ledger.current + written, threads, fresh)
     summary.extra["video_summaries_written"] = videos
     _finish(summary, files)
     summary.seconds = round(time.perf_counter() - started, 2)

@@ -17,7 +17,7 @@ from ferray.annotate.job import Job
 from ferray.annotate.media import MediaError, Unit, sample_step
 from ferray.data import io
 from ferray.data.images import DecodeError, open_checked, to_array
-from ferray.data.schema import ANNOTATION_SCHEMA, MEDIA_IMAGE, STATUS_OK, status
+from ferray.data.schema import TRACK_FIELDS, ANNOTATION_SCHEMA, MEDIA_IMAGE, STATUS_OK, status
 from ferray.faces.align import NO_FACE, TOO_SMALL, AlignResult, align_images, too_small
 from ferray.faces.detect import load_detector
 from ferray.faces.landmarks import load_predictor
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # What detection hands to classification: the annotation columns known so far, plus the raw chip.
 DRAFT_SCHEMA = pa.schema(
-    [f for f in ANNOTATION_SCHEMA if f.name not in ("label", "label_name", "confidence", "probs", "model_version")]
+    [f for f in ANNOTATION_SCHEMA
+     if f.name not in ("label", "label_name", "confidence", "probs", "model_version") and f not in TRACK_FIELDS]
     + [pa.field("chip", pa.binary())]
 )
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from ferray.annotate.detect import DRAFT_SCHEMA
 from ferray.annotate.job import Job
-from ferray.data.schema import ANNOTATION_SCHEMA, LABELS
+from ferray.data.schema import ANNOTATION_SCHEMA, LABELS, TRACK_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -49,4 +49,5 @@ class Labeller:
         columns["confidence"] = pa.array(confidences, pa.float32())
         columns["probs"] = pa.array(probs_column, ANNOTATION_SCHEMA.field("probs").type)
         columns["model_version"] = pa.array([self.job.model.version] * n, pa.string())
+        columns.update({f.name: pa.nulls(n, f.type) for f in TRACK_FIELDS})  # filled once the video is done
         return pa.table({name: columns[name] for name in ANNOTATION_SCHEMA.names}, schema=ANNOTATION_SCHEMA)

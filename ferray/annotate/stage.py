@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ferray import executor
-from ferray.annotate.detect import FaceFinder, NO_FACE
+from ferray.annotate.detect import FaceFinder
 from ferray.annotate.job import Job
 from ferray.annotate.label import Labeller
 from ferray.annotate.media import Unit, UnitKey, for_actors, pack, shard_identity
@@ -20,6 +20,7 @@ from ferray.config import AnnotateSettings
 from ferray.data.schema import ANNOTATION_SCHEMA, LABELS, STATUS_OK
 from ferray.errors import InputError
 from ferray.executor import Part, Resources, ShardUnit, Stage, shard_stats
+from ferray.faces.align import NO_FACE
 
 log = logging.getLogger(__name__)
 

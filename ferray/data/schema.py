@@ -87,6 +87,15 @@ EMBEDDED_SCHEMA = pa.schema(list(ALIGNED_SCHEMA) + list(EMBED_FIELDS))
 # Annotation rows (SPEC: Annotation rows): one per face, or one status row for an image, a sampled
 # frame or a whole file without one. `unit` names the work unit (an image, or `video@segment/of`).
 MEDIA_IMAGE, MEDIA_VIDEO = "image", "video"
+# Filled on video face rows once every segment of the video is done (ferray.annotate.tracks; null on images
+# and until then): the same person across frames and segments, and its label smoothed over time
+# (null when annotate.smooth_seconds is 0). The raw label, confidence and probs are never changed.
+TRACK_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("track_id", pa.int32()),
+    pa.field("smoothed_probs", pa.list_(pa.float32(), len(LABELS))),
+    pa.field("smoothed_label", pa.int8()),
+    pa.field("smoothed_label_name", pa.string()),
+)
 ANNOTATION_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -102,6 +111,7 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("label_name", pa.string()),
         pa.field("confidence", pa.float32()),
         pa.field("probs", pa.list_(pa.float32(), len(LABELS))),
+        *TRACK_FIELDS,
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("model_version", pa.string(), nullable=False),
@@ -126,5 +136,29 @@ VIDEO_SUMMARY_SCHEMA = pa.schema(
         pa.field("mean_confidence", pa.float64()),
         pa.field("error_rows", pa.int64()),
         pa.field("timeline", pa.string()),
+        pa.field("tracks", pa.int32()),
+        pa.field("tracks_timeline", pa.string()),
+    ]
+)
+
+# One row per face track of a video (`OUT/tracks/<video>.parquet`, ferray.annotate.tracks): when the person
+# was on screen and the share of their seen frames in each expression (smoothed labels when
+# `smoothing_s` > 0, else the raw ones).
+TRACK_SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("track_id", pa.int32(), nullable=False),
+        pa.field("first_seen_s", pa.float64()),
+        pa.field("last_seen_s", pa.float64()),
+        pa.field("seconds_on_screen", pa.float64()),
+        pa.field("frames_seen", pa.int64()),
+        pa.field("frames_missed", pa.int64()),
+        pa.field("mean_bbox", pa.list_(pa.int32(), 4)),
+        *[pa.field(f"share_{name}", pa.float64()) for name in LABELS],
+        pa.field("dominant_label", pa.int8()),
+        pa.field("dominant_label_name", pa.string()),
+        pa.field("mean_confidence", pa.float64()),
+        pa.field("smoothing_s", pa.float64()),
     ]
 )

@@ -53,6 +53,7 @@ def metadata(settings: Settings, backbone_meta: dict[str, Any], metrics: dict[st
         "weights_source": backbone_meta.get("weights_source"),
         "weights_sha256": backbone_meta.get("weights_sha256"),
         "training_data_fingerprint": data_fingerprint,
+        "experiment": settings.config_file,
         "metrics": metrics,
         "inference": {"flip_tta": False, "temperature": 1.0, **(inference or {})},
         "ferray_version": __version__,

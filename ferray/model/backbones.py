@@ -239,14 +239,46 @@ def backbone_fingerprint(
 def backbone_metadata(
     settings: BackboneSettings, weights: WeightsRef, image_size: int | None = None
 ) -> dict[str, Any]:
-    """The backbone's part of the artifact's ferray.json."""
-    return {
+    """The backbone's part of the artifact's ferray.json. A backbone taken from another artifact is
+    named by that model's fingerprint (`parent`), never by the path it was read from."""
+    meta = {
         "name": settings.name,
         "input_size": settings.input_size,
         "image_size": image_size or settings.input_size,
         "channels": settings.channels,
         "preprocessing": preprocessing(settings),
-        "weights_source": weights.source,
+        "weights_source": _public_source(weights.source),
         "weights_sha256": weights.sha256,
         "fingerprint": backbone_fingerprint(settings, weights, image_size=image_size),
     }
+    if weights.source.startswith(ARTIFACT_PREFIX):
+        meta["parent"] = artifact_identity(Path(weights.path))
+        meta["weights_source"] = f"{ARTIFACT_PREFIX}{meta['parent']['fingerprint']}"
+    return meta
+
+
+def _public_source(source: str) -> str:
+    """A weight source as an artifact records it: a local file by its name, a remote URI as given."""
+    kind, _, where = source.partition(":")
+    if kind in ("keras-cache", "explicit") and "://" not in where:
+        return f"{kind}:{Path(where).name}"
+    return source
+
+
+def artifact_identity(model_file: Path) -> dict[str, Any]:
+    """What names a ferray model without its location: its backbone's fingerprint, its own file's sha256
+    and, when it recorded them, its version and the experiment that made it."""
+    meta_file = model_file.parent / METADATA_FILE
+    meta: dict[str, Any] = {}
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            meta = {}
+    backbone = meta.get("backbone") if isinstance(meta.get("backbone"), dict) else {}
+    identity = {"fingerprint": backbone.get("fingerprint") or f"sha256-{file_sha256(model_file)[:16]}",
+                "model_sha256": file_sha256(model_file)}
+    for key in ("version", "experiment"):
+        if isinstance(meta.get(key), str):
+            identity[key] = meta[key]
+    return identity

@@ -132,6 +132,16 @@ def tune_worker(config: dict[str, Any]) -> None:
         log.info("fine-tune: resuming after epoch %d", state.epochs_done)
     if state.finished(recipe.epochs):
         return
+    spent = sum(r["seconds"] for r in state.history)
+    if recipe.time_budget_s is not None and state.history and spent >= recipe.time_budget_s:
+        # The budget (not part of the run's name) was lowered for this rerun: finish with the best so far.
+        log.warning("fine-tune: %.0f s spent of a %.0f s budget; finishing after epoch %d", spent,
+                    recipe.time_budget_s, state.epochs_done)
+        state.stopped_early = True
+        with tempfile.TemporaryDirectory(prefix="ferray-tune-") as folder:
+            state.save(folder)
+            ray.train.report(state.history[-1], checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return
     state.starts.append(state.epochs_done)
 
     class EpochEnd(keras.callbacks.Callback):
@@ -338,7 +348,8 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
         faces_per_s=round(faces_per_s / (2 if recipe.flip_tta else 1), 1),
         finetune=recipe.model_dump(mode="json"), data_fingerprint=fingerprint,
     )
-    meta["metrics"] = result.to_dict()
+    # Where this run wrote its files is the run's business (metrics.json), not the model's.
+    meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "checkpoints")}
     meta["training_dataset"] = artifacts.training_datasets(source, storage)
     _identify_backbone(meta, model)
     artifacts.save(model, meta, model_out, storage)
