@@ -3,7 +3,8 @@ their outputs to compact tables (ids, statuses, labels, face hashes, embeddings,
 
 Only the product's outside is used (the `ferray` command line, the Parquet files it writes), so the
 same code snapshots any version of ferray: `tests/data/build_golden.py` stored the tables of the code
-at 165cf3d in `tests/data/golden/`, and `tests/test_golden.py` compares today's code with them.
+before the refactor into role packages (main at 5d20467: 165cf3d plus face tracks) in
+`tests/data/golden/`, and `tests/test_golden.py` compares today's code with them.
 """
 
 from __future__ import annotations
@@ -139,10 +140,13 @@ def snapshot(work: Path, media_root: Path) -> dict[str, pa.Table]:
         "probs": pa.array(rows["probs"].to_pylist(), pa.list_(pa.float32())),
         "status": rows["status"].to_pylist(),
         "error": rows["error"].to_pylist(),
+        # Face tracks (filled once a video is done): the person and the smoothed label.
+        "track_id": rows["track_id"].to_pylist(),
+        "smoothed_label": rows["smoothed_label"].to_pylist(),
     })
     videos = [pq.read_table(f) for f in sorted((out / "videos").rglob("*.parquet"))]
     summary = pa.concat_tables(videos, promote_options="permissive")
-    keep = [n for n in summary.schema.names if n not in ("source_path", "model_version", "timeline")]
+    keep = [n for n in summary.schema.names if n not in ("source_path", "model_version", "timeline", "tracks_timeline")]
     tables["videos"] = pa.table({"source_path": _relative(summary["source_path"].to_pylist(), media_root),
                                  **{n: summary[n] for n in keep}}).sort_by("source_path")
     return tables

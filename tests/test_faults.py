@@ -34,7 +34,7 @@ from test_annotate import all_rows
 from test_faces import SAMPLES, canvas, load_face
 from test_ingest import outputs
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]  # minutes: workers killed mid-run
 
 LOCAL = StorageSettings()
 ANNOTATE_IMAGES = 10

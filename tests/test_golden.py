@@ -1,4 +1,4 @@
-"""Before/after: ingest, align, embed and annotate give the rows that the code at 165cf3d gave (tests/data/golden/)."""
+"""Before/after: ingest, align, embed and annotate give the rows that the code before the refactor gave (tests/data/golden/)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from ferray.config import ConfigError, load_settings
 from ferray.model.registry import Registry
 from ferray.data.schema import LABELS
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]  # minutes: two pipelines and retrains
 
 FACES_ZIP = Path(__file__).resolve().parent / "data" / "fer2013-head.zip"
 HOLDOUT_ZIP = FACES_ZIP.with_name("fer2013-holdout.zip")

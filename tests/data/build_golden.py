@@ -1,8 +1,9 @@
 """Write tests/data/golden/: the compact outputs of ingest, align, embed and annotate (tests/golden.py).
 
-Run once with the code to compare against first on the path (the golden files hold 165cf3d's rows):
-    git worktree add /tmp/ref165 165cf3d
-    cd /tmp && PYTHONPATH=/tmp/ref165:/path/to/ferray/tests python /path/to/ferray/tests/data/build_golden.py
+Run once with the code to compare against first on the path (the golden files hold the rows of main at
+5d20467, the last commit before the refactor into role packages):
+    git worktree add /tmp/refmain 5d20467
+    cd /tmp && PYTHONPATH=/tmp/refmain:/path/to/ferray/tests python /path/to/ferray/tests/data/build_golden.py
 (run outside the checkout, so that `ferray` is the reference's). Annotation uses the shipped `default`
 model; if it changes, copy the new ferray/assets/default-model/ into the reference tree first.
 """
