@@ -118,15 +118,22 @@ def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(align
     assert settings.finetune.ema == 0.9 and settings.config_file == "second-cycle.yaml"
     second = str(tmp_path / "second")
 
-    def stop_in_epoch_two(rank: int, epoch: int) -> None:
-        if epoch == 1:
+    def stop_in_epoch_three(rank: int, epoch: int) -> None:
+        # Two epochs in, so the first epoch's checkpoint has surely been persisted (reports upload asynchronously).
+        if epoch == 2:
             os._exit(1)
 
     with pytest.raises(Exception):
-        tune.run(settings, aligned, second, epoch_hook=stop_in_epoch_two)
+        tune.run(settings, aligned, second, epoch_hook=stop_in_epoch_three)
+    trained = tmp_path / "trained-again"
+
+    def no_epoch_expected(rank: int, epoch: int) -> None:
+        trained.touch()
+
     lowered = load_settings(config, ray={"progress_bars": False}, finetune={**recipe, "time_budget_s": 1e-3})
-    result = tune.run(lowered, aligned, second)
-    assert result.epochs_run == 1 and result.best_epoch == 1 and result.stopped_early and result.starts == [0]
+    result = tune.run(lowered, aligned, second, epoch_hook=no_epoch_expected)
+    assert not trained.exists(), "the rerun trained an epoch instead of finishing from its checkpoint"
+    assert result.epochs_run in (1, 2) and result.stopped_early and result.starts == [0]
 
     text = (Path(second) / artifacts.META_FILE).read_text()
     meta = json.loads(text)
