@@ -146,7 +146,7 @@ def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(align
 
 def test_mixing_keeps_labels_in_the_share_of_pixels_kept() -> None:
     from ferray.config import FineTuneSettings
-    from ferray.head import class_weights
+    from ferray.model.head import class_weights
 
     rng = np.random.default_rng(0)
     x = np.stack([np.full((48, 48, 1), v, np.float32) for v in (0.0, 100.0, 200.0, 250.0)])
