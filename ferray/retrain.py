@@ -145,7 +145,7 @@ def score(settings: Settings, model_uri: str, version: str, data: str, split: st
     from ferray.model import artifact as artifacts
     from ferray.evaluate import scoring
     from ferray.evaluate.calibration import apply_temperature
-    from ferray.evaluate import classification_metrics
+    from ferray.evaluate.command import classification_metrics
 
     started = time.perf_counter()
     storage = settings.storage.resolved()
