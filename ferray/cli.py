@@ -47,16 +47,9 @@ def _cmd_annotate(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
-    from ferray.model import artifact as model
-    from ferray.training import train
+    from ferray import training
 
-    if settings.finetune.enabled:
-        from ferray.training import tune
-
-        return tune.run(settings, args.input, args.model_out)
-    result = train.run(settings, args.input, args.model_out)
-    model.from_training(settings, result, args.model_out, args.input)
-    return result
+    return training.run(settings, args.input, args.model_out)
 
 
 def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
@@ -182,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only ferray's own errors become a one-line exit; anything else is a bug and raises with its traceback.
     try:
         settings = load_settings(args.config, **_overrides(args.overrides(args)))
-        redact(secrets_of(settings.storage.resolved()))  # before any library can log a request with them
+        redact(secrets_of(settings.storage))  # before any library can log a request with them
         summary = handler(settings, args)
     except FerrayError as error:
         print(f"ferray: {_reason(error)}", file=sys.stderr)

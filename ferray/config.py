@@ -29,7 +29,8 @@ class Section(BaseModel):
 
 
 class StorageSettings(Section):
-    """Object-storage access; unset fields fall back to the standard AWS environment on the driver."""
+    """Object-storage access; unset fields fall back to the standard AWS environment (`load_settings`
+    resolves them once, on the driver)."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -541,6 +542,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     token = _YAML_FILE.set(path)
     try:
         settings = Settings(**overrides)
+        # Credentials and endpoint fall back to the AWS_* environment here, once, on the driver: every
+        # stage and worker then uses `settings.storage` as it is and never reads the environment.
+        settings = settings.model_copy(update={"storage": settings.storage.resolved()})
         settings._config_file = None if path is None else _experiment_name(path)
         return settings
     except ValidationError as error:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def run(settings: Settings, model: str, source: str, out: str) -> Summary:
     """Annotate SOURCE into OUT with MODEL; inputs already annotated by the same model and settings are skipped."""
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
     ref = resolve_model(model, storage)

@@ -191,7 +191,7 @@ def _figures(rows: scoring.Rows, probs: np.ndarray, embeddings: np.ndarray, metr
 def run(settings: Settings, model_uri: str, source: str, out: str, calibrate_on: str | None = None) -> EvalSummary:
     """Evaluate MODEL on DATA's labelled rows and write metrics, predictions, figures and report.md to OUT."""
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     options = settings.evaluate
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)

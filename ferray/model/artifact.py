@@ -17,6 +17,7 @@ from ferray import __version__
 from ferray.config import Settings, StorageSettings
 from ferray.data import io
 from ferray.data.schema import LABELS
+from ferray.model import head
 from ferray.errors import ModelError
 from ferray.model import META_FILE, MODEL_FILE
 
@@ -36,9 +37,9 @@ def assemble(backbone: Any, head_weights: Sequence[np.ndarray]) -> Any:
 
     from ferray.model.head import head_from_weights
 
-    head = head_from_weights(keras, head_weights)
+    top = head_from_weights(keras, head_weights)
     inputs = keras.Input(shape=backbone.input_shape[1:], name="face")
-    return keras.Model(inputs, head(backbone(inputs)), name="ferray")
+    return keras.Model(inputs, top(backbone(inputs)), name="ferray")
 
 
 def metadata(settings: Settings, backbone_meta: dict[str, Any], metrics: dict[str, Any], data_fingerprint: str,
@@ -90,12 +91,7 @@ class Artifact:
         probs = self._predict(faces, batch_size)
         if inference.get("flip_tta") if flip_tta is None else flip_tta:
             probs = (probs + self._predict(faces[:, :, ::-1], batch_size)) / 2.0
-        temperature = float(inference.get("temperature", 1.0))
-        if temperature != 1.0:
-            logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
-        return probs.astype(np.float32)
+        return head.apply_temperature(probs, float(inference.get("temperature", 1.0))).astype(np.float32)
 
     def _predict(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
         parts = [np.asarray(self._serve(np.ascontiguousarray(faces[i : i + batch_size], np.float32)))
@@ -160,7 +156,7 @@ def from_training(settings: Settings, result: Any, model_out: str, source: str) 
     from ferray.model.backbones import backbone_fingerprint, backbone_metadata, build_backbone, resolve_weights
     from ferray.training.train import load_head_weights
 
-    storage = settings.storage.resolved()
+    storage = settings.storage
     fetch = functools.partial(io.fetch_cached, storage=storage)
     weights = resolve_weights(settings.backbone, fetch)
     expected = backbone_fingerprint(settings.backbone, weights, image_size=settings.faces.size)
