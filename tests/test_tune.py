@@ -150,7 +150,11 @@ def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(
     assert meta["experiment"] == "second-cycle.yaml"
     assert meta["backbone"]["parent"]["fingerprint"] == parent["backbone"]["fingerprint"]
     assert meta["backbone"]["weights_source"] == f"fine-tuned from artifact:{parent['backbone']['fingerprint']}"
-    assert result.finetune["cutmix"] == 1.0
+    assert result.finetune["cutmix"] == 1.0 and result.stop_reason == "budget"
+
+    # Rerun with the budget raised (none): the run trains on from its checkpoint to its last epoch.
+    raised = tune.run(settings, aligned, second)
+    assert raised.epochs_run == 3 and raised.starts == [0, result.epochs_run] and not raised.stopped_early
 
 
 def test_mixing_keeps_labels_in_the_share_of_pixels_kept() -> None:

@@ -55,6 +55,9 @@ class TrainState:
     best_epoch: int = 0  # 1-based; 0 = none yet
     best_val_accuracy: float = -1.0
     stopped_early: bool = False
+    # Why it stopped early: "patience" is final; "budget" is not, since a rerun may raise the time budget
+    # (None in checkpoints written before the reason was kept: taken as final).
+    stop_reason: str | None = None
     # epochs_done at each (re)start of the worker loop: [0] for a clean run, [0, 3] after a resume.
     starts: list[int] = field(default_factory=list)
     weights: list[np.ndarray] = field(default_factory=list)
@@ -80,7 +83,10 @@ class TrainState:
         )
 
     def finished(self, epochs: int) -> bool:
-        return self.stopped_early or self.epochs_done >= epochs
+        return self.epochs_done >= epochs or (self.stopped_early and self.stop_reason != "budget")
+
+    def stop(self, reason: str) -> None:
+        self.stopped_early, self.stop_reason = True, reason
 
     @property
     def seconds_spent(self) -> float:
@@ -218,6 +224,7 @@ class TrainResult:
     seconds_per_epoch: float
     data_fingerprint: str
     stage: str = "train"
+    stop_reason: str | None = None  # "patience" or "budget" when stopped_early
     # The head's run: the backbone that made the embeddings, their size, labelled rows per split and
     # class (LABELS order), and its two sections of settings.
     backbone: str | None = None

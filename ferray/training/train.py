@@ -239,7 +239,9 @@ def train_worker(config: dict[str, Any]) -> None:
             if train.patience:
                 # Every worker must stop at the same step or allreduce hangs: rank 0 decides for all.
                 stop = epoch + 1 - state.best_epoch >= train.patience if rank == 0 else False
-                state.stopped_early = self.model.stop_training = bool(broadcast_from_rank_zero(stop))
+                if broadcast_from_rank_zero(stop):
+                    state.stop("patience")
+                    self.model.stop_training = True
             if rank == 0:
                 state.weights = self.model.get_weights()
                 state.optimizer = [np.asarray(v.numpy()) for v in self.model.optimizer.variables]
@@ -333,7 +335,7 @@ def run(
         model_out=model_out, run_name=name, checkpoints=io.join(checkpoints, name),
         rows={k: sum(v) for k, v in data.counts.items()}, skipped=data.skipped,
         epochs_run=state.epochs_done, best_epoch=state.best_epoch, starts=state.starts,
-        stopped_early=state.stopped_early, val_accuracy=_evaluate(best, *val), test_accuracy=_evaluate(best, *test),
+        stopped_early=state.stopped_early, stop_reason=state.stop_reason, val_accuracy=_evaluate(best, *val), test_accuracy=_evaluate(best, *test),
         seconds=round(seconds, 2), seconds_per_epoch=runs.median_epoch_seconds(state),
         data_fingerprint=data.fingerprint, backbone=data.backbone, input_dim=int(best[0].shape[0]),
         counts=data.counts, head=head_settings.model_dump(mode="json"), train=train.model_dump(mode="json"),

@@ -129,13 +129,16 @@ def tune_worker(config: dict[str, Any]) -> None:
         log.info("fine-tune: resuming after epoch %d", state.epochs_done)
     if state.finished(recipe.epochs):
         return
-    if recipe.time_budget_s is not None and state.history and state.seconds_spent >= recipe.time_budget_s:
+    spent = state.seconds_spent
+    if recipe.time_budget_s is not None and state.history and spent + state.history[-1]["seconds"] > recipe.time_budget_s:
         # The budget (not part of the run's name) was lowered for this rerun: finish with the best so far.
-        log.warning("fine-tune: %.0f s spent of a %.0f s budget; finishing after epoch %d", state.seconds_spent,
+        log.warning("fine-tune: %.0f s spent of a %.0f s budget; finishing after epoch %d", spent,
                     recipe.time_budget_s, state.epochs_done)
-        state.stopped_early = True
+        state.stop("budget")
         runs.report(state, state.history[-1])
         return
+    # A run the budget stopped goes on when its rerun raised the budget.
+    state.stopped_early, state.stop_reason = False, None
     state.starts.append(state.epochs_done)
 
     def best_weights() -> list[np.ndarray]:
@@ -160,7 +163,8 @@ def tune_worker(config: dict[str, Any]) -> None:
             stale = recipe.patience and epoch + 1 - state.best_epoch >= recipe.patience
             if over_budget or stale:
                 log.warning("fine-tune: stopping after epoch %d (%s)", epoch + 1, "time budget" if over_budget else "patience")
-                state.stopped_early = trainer.stop_training = True
+                state.stop("budget" if over_budget else "patience")
+                trainer.stop_training = True
             state.weights = model.get_weights()
             state.optimizer = [np.asarray(keras.ops.convert_to_numpy(v)) for v in trainer.optimizer.variables]
             runs.report(state, row)
@@ -234,6 +238,14 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, float 
     return metrics["accuracy"], metrics["macro_f1"]
 
 
+def _budget_raised(done: TrainResult, recipe: FineTuneSettings) -> bool:
+    """A run its time budget stopped, rerun with a larger budget (or none), has epochs left to train."""
+    if done.stop_reason != "budget" or done.epochs_run >= recipe.epochs:
+        return False
+    before = (done.finetune or {}).get("time_budget_s")
+    return recipe.time_budget_s is None or (before is not None and recipe.time_budget_s > before)
+
+
 def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHook | None = None) -> TrainResult:
     """Fine-tune on SOURCE's aligned faces (train; select on val; report test) and write the artifact."""
     from ferray.model import artifact as artifacts
@@ -255,7 +267,9 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
         raise InputError(f"no labelled train rows in {source} (rows {rows}, skipped {skipped})")
     name = run_name(fingerprint, settings)
     done = runs.finished(model_out, name, storage)
-    if done is not None:
+    if done is not None and _budget_raised(done, recipe):
+        log.info("fine-tune: %s stopped on its time budget, now raised: training on from its checkpoint", name)
+    elif done is not None:
         log.info("fine-tune: %s already finished in %s; nothing to do", name, model_out)
         return done
     log.info("fine-tune: run %s, rows %s, skipped %s", name, rows, skipped)
@@ -284,7 +298,7 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     result = TrainResult(
         model_out=model_out, run_name=name, checkpoints=io.join(checkpoints, name), rows=rows, skipped=skipped,
         epochs_run=state.epochs_done, best_epoch=state.best_epoch, starts=state.starts,
-        stopped_early=state.stopped_early, val_accuracy=val_acc, test_accuracy=test_acc, val_macro_f1=val_f1,
+        stopped_early=state.stopped_early, stop_reason=state.stop_reason, val_accuracy=val_acc, test_accuracy=test_acc, val_macro_f1=val_f1,
         test_macro_f1=test_f1, flip_tta=recipe.flip_tta, temperature=round(temperature, 4),
         seconds=round(fit_seconds, 2), seconds_per_epoch=runs.median_epoch_seconds(state),
         faces_per_s=round(faces_per_s / (2 if recipe.flip_tta else 1), 1),
