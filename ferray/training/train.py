@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ferray import logs
 from ferray.config import HeadSettings, RaySettings, StorageSettings, TrainSettings
 from ferray.data import io
 from ferray.data.schema import LABELS, SPLITS, STATUS_OK
@@ -412,7 +413,8 @@ def _run_config(name: str, checkpoints: str, train: TrainSettings, storage: Stor
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         # tf.keras must mean tf_keras from the first import in a worker, not only after Ray's setup.
         # (The fine-tune's workers run Keras 3: legacy_keras=False.)
-        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1" if legacy_keras else "0", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        # And the driver's quiet TensorFlow settings (none at DEBUG); Ray merges these over the job's env_vars.
+        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1" if legacy_keras else "0", **logs.worker_env()}},
     )
 
 
