@@ -175,7 +175,8 @@ class _Version(argparse.Action):
                  option_string: str | None = None) -> None:
         from ferray.model.artifact import default_version
 
-        parser.exit(message=f"ferray {__version__} (default model {default_version()})\n")
+        print(f"ferray {__version__} (default model {default_version()})")  # on stdout, as argparse's own
+        parser.exit()
 
 
 def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -200,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, **_overrides(args.overrides(args)))
         redact(secrets_of(settings.storage.resolved()))  # before any library can log a request with them
+        log.debug("ferray %s %s, settings: %s", __version__, args.command, settings.public_dict())
         summary = handler(settings, args)
     except FerrayError as error:
         print(f"ferray: {_reason(error)}", file=sys.stderr)
