@@ -15,6 +15,7 @@ from ferray.annotate.summaries import write_video_summaries
 from ferray.config import Settings
 from ferray.data import io
 from ferray.executor import Summary
+from ferray.model import artifact
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
     summary.seconds = round(time.perf_counter() - started, 2)
     if written or videos or changed or ledger.others:
         io.write_json(io.join(out, io.META, "annotate.json"),
-                      {"model": model, "model_uri": ref.uri, "model_version": ref.version, "run_key": job.run_key,
+                      {"model": model, "model_uri": artifact.public_uri(ref.uri), "model_version": ref.version, "run_key": job.run_key,
                        "summary": summary.to_dict(), "settings": settings.public_dict()}, storage)
     return summary
 

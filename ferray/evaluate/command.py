@@ -145,7 +145,8 @@ def _model_identity(artifact: artifacts.Artifact, training: str | None, storage:
     meta = artifact.meta
     local = io.fetch_cached(io.join(artifact.uri, artifacts.MODEL_FILE), storage)
     return {
-        "uri": artifact.uri,
+        "uri": artifacts.public_uri(artifact.uri),
+        "version": artifact.version,
         "sha256": file_sha256(local),
         "backbone": meta.get("backbone", {}).get("fingerprint"),
         "backbone_name": meta.get("backbone", {}).get("name"),

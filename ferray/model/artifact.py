@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +31,51 @@ DEFAULT = "default"
 def default_model_dir() -> Path:
     """The model shipped inside the package (MODEL `default`)."""
     return Path(str(resources.files("ferray") / "assets" / "default-model"))
+
+
+def is_default(uri: str) -> bool:
+    """Whether `uri` is the shipped model's folder (or its model.keras)."""
+    path = Path(uri[:-len(MODEL_FILE)] if uri.endswith(MODEL_FILE) else uri)
+    try:
+        return path.resolve() == default_model_dir().resolve()
+    except (OSError, ValueError):  # an s3:// URI, or a path that cannot be resolved here
+        return False
+
+
+def public_uri(uri: str) -> str:
+    """A model's location as outputs record it: the shipped model is `default`, never this install's path."""
+    return DEFAULT if uri == DEFAULT or is_default(uri) else uri
+
+
+def fingerprint(meta: dict[str, Any]) -> str:
+    """sha256 of an artifact's ferray.json, its `version` aside.
+
+    The metadata names the backbone weights by sha256, the training data by fingerprint and the run
+    by its time and metrics, and holds the inference options (a new calibration is a new model), so it
+    tells artifacts apart on any storage without reading model.keras.
+    """
+    body = {key: value for key, value in meta.items() if key != "version"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def version_of(uri: str, meta: dict[str, Any]) -> str:
+    """What annotation rows call a model: ferray.json's own `version` when it names one, else
+    `<name>-<fingerprint prefix>`: `default` for the shipped model, otherwise the artifact's folder
+    name (a registry version, or MODEL_OUT's last part)."""
+    named = meta.get("version")
+    if isinstance(named, str) and named:
+        return named
+    folder = uri[:-len(MODEL_FILE)].rstrip("/") if uri.endswith(MODEL_FILE) else uri.rstrip("/")
+    name = DEFAULT if public_uri(folder) == DEFAULT else (folder.rsplit("/", 1)[-1] or "model")
+    return f"{name}-{fingerprint(meta)[:12]}"
+
+
+def default_version() -> str:
+    """The shipped model's version (`ferray --version`), or why there is none."""
+    meta_file = default_model_dir() / META_FILE
+    if not meta_file.is_file():
+        return "none shipped in this install"
+    return version_of(str(default_model_dir()), json.loads(meta_file.read_text()))
 
 
 def assemble(backbone: Any, head_weights: Sequence[np.ndarray]) -> Any:
@@ -81,7 +128,7 @@ class Artifact:
 
     @property
     def version(self) -> str:
-        return str(self.meta.get("version") or self.meta.get("created_at") or self.uri)
+        return version_of(self.uri, self.meta)
 
     def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
         """Probabilities for raw aligned faces (N, s, s, c), applying the artifact's TTA and temperature.

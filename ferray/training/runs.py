@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ferray import logs
 from ferray.config import StorageSettings, TrainSettings
 from ferray.data import io
 from ferray.model import head
@@ -155,7 +156,7 @@ def run_config(name: str, checkpoints: str, train: TrainSettings, storage: Stora
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         # The head's workers run tf_keras (legacy Keras 2), which must be what `tf.keras` means from a
         # worker's first import, not only after Ray's set-up; the fine-tune's run Keras 3.
-        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1" if legacy_keras else "0", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1" if legacy_keras else "0", **logs.worker_env()}},
     )
 
 
