@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 from ferray.annotate import plan
-from ferray.annotate.job import Job, face_settings, resolve_model, run_key
+from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
 from ferray.annotate.ledger import Ledger, ShardRecord, prune_replaced, read_ledger, remove_shard, remove_unmarked
 from ferray.annotate.media import media_type
 from ferray.annotate.stage import execute
@@ -26,7 +26,7 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
     storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
-    ref = resolve_model(model, storage)
+    ref = with_lite(resolve_model(model, storage), settings.annotate, storage)
     faces = face_settings(settings.faces, ref)
     job = Job(source, out, storage, faces, settings.annotate, ref, run_key(ref, faces, settings.annotate))
     threads = settings.annotate.probe_threads

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -118,6 +118,18 @@ def save(model: Any, meta: dict[str, Any], uri: str, storage: StorageSettings) -
     io.write_json(io.join(uri, META_FILE), meta, storage)
 
 
+def apply_inference(raw: Callable[[np.ndarray], np.ndarray], faces: np.ndarray, meta: dict[str, Any],
+                    flip_tta: bool | None = None) -> np.ndarray:
+    """`ferray.json`'s inference recipe around a model's raw probabilities: the mean with the mirrored
+    faces' (flip TTA; `flip_tta` overrides the artifact's choice, None keeps it), then the temperature.
+    One function for every runtime (Keras, LiteRT), so that they differ only in the raw numbers."""
+    inference = meta.get("inference", {})
+    probs = raw(faces)
+    if inference.get("flip_tta") if flip_tta is None else flip_tta:
+        probs = (probs + raw(faces[:, :, ::-1])) / 2.0
+    return head.apply_temperature(probs, float(inference.get("temperature", 1.0))).astype(np.float32)
+
+
 @dataclass
 class Artifact:
     """A loaded model and its metadata."""
@@ -134,11 +146,7 @@ class Artifact:
         """Probabilities for raw aligned faces (N, s, s, c), applying the artifact's TTA and temperature.
 
         `flip_tta` overrides the artifact's own choice (None keeps it)."""
-        inference = self.meta.get("inference", {})
-        probs = self._predict(faces, batch_size)
-        if inference.get("flip_tta") if flip_tta is None else flip_tta:
-            probs = (probs + self._predict(faces[:, :, ::-1], batch_size)) / 2.0
-        return head.apply_temperature(probs, float(inference.get("temperature", 1.0))).astype(np.float32)
+        return apply_inference(lambda x: self._predict(x, batch_size), faces, self.meta, flip_tta)
 
     def _predict(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
         parts = [np.asarray(self._serve(np.ascontiguousarray(faces[i : i + batch_size], np.float32)))
