@@ -28,6 +28,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Placement(Section):
+    """Ray resources per actor of a section's stage (embed's actors, annotate's), declared once."""
+
+    # On CPU one thread per actor and one actor per core beat one actor with many threads
+    # (TensorFlow's thread pools oversubscribe otherwise).
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
 class StorageSettings(Section):
     """Object-storage access; unset fields fall back to the standard AWS environment (`load_settings`
     resolves them once, on the driver)."""
@@ -96,8 +105,8 @@ class FacesSettings(Section):
     # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. `auto`: each command's own
     # choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's).
     detector: str = "auto"
-    # Each step doubles the image before detection: it halves the smallest face found and costs about
-    # 4× the time; 48×48 FER-2013 faces need one (docs/settings.md).
+    # Each step doubles the image before detection: it halves the smallest face found and multiplies
+    # the detection time; 48×48 face crops need one (figures: docs/settings.md).
     upsample: int = Field(default=1, ge=0, le=4)
     # Dlib's 5-point model is free to use; the 68-point model's training data (iBUG 300-W) is not
     # licensed for commercial use.
@@ -150,7 +159,7 @@ class FacesSettings(Section):
         return self.model_copy(update={"detector": AUTO_DETECTOR[command]})
 
 
-class BackboneSettings(Section):
+class BackboneSettings(Placement):
     """Frozen EfficientNet backbone (owned by ferray.model.backbones)."""
 
     name: str = "efficientnet-lite0"  # a name in ferray.model.BACKBONES
@@ -168,10 +177,6 @@ class BackboneSettings(Section):
     # A Keras download on a cluster whose egress is black-holed would otherwise hang.
     download_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     batch_size: int = Field(default=128, ge=1, le=65536)
-    # Per embedding actor. On CPU one thread per actor and one actor per core beat one actor with
-    # many threads (TensorFlow's thread pools oversubscribe otherwise).
-    num_cpus: float = Field(default=1.0, gt=0)
-    num_gpus: float = Field(default=0.0, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -208,7 +213,7 @@ class EvaluateSettings(Section):
     train_dataset: str | None = None
 
 
-class AnnotateSettings(Section):
+class AnnotateSettings(Placement):
     """`ferray annotate` (owned by ferray.annotate): sampling, shards, workers."""
 
     # Video frames sampled per second of video; `every_nth` (when set) takes every Nth frame instead.
@@ -258,8 +263,6 @@ class AnnotateSettings(Section):
     # (classifying is a fraction of detecting; Ray may place it on a head started with num-cpus 0),
     # so TensorFlow starts once, not on every CPU. `auto` = `split`.
     label_every: int = Field(default=8, ge=1, le=1024)
-    num_cpus: float = Field(default=1.0, gt=0)
-    num_gpus: float = Field(default=0.0, ge=0)
     pools: Literal["auto", "fused", "split"] = "auto"
     # Remote and archived videos reach OpenCV as a seekable stream (reads only what a segment needs)
     # or as a local temp copy written in chunks (for OpenCV builds without stream input).
@@ -285,10 +288,10 @@ class AnnotateSettings(Section):
 class HeadSettings(Section):
     """The two-layer head (owned by ferray.model.head): Dense(hidden, relu) -> Dropout -> Dense(7, softmax)."""
 
-    # The narrowest width that reaches the reference accuracy in the paper's 100 epochs (sweep in
+    # The narrowest width that reaches the reference accuracy in the paper's 100 epochs (sweep:
     # docs/settings.md).
     hidden: int = Field(default=1024, ge=1, le=16384)
-    # Guards the wide default; 0.3 and 0.5 score alike.
+    # Guards the wide default (figures: docs/settings.md).
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
 
 
@@ -303,9 +306,9 @@ class TrainSettings(Section):
     decay_rate: float = Field(default=0.9, gt=0.0, le=1.0)
     decay_every: int = Field(default=10, ge=1)
     epochs: int = Field(default=100, ge=1, le=100_000)
-    # Global batch, split evenly over the workers. The paper gives none. 64 scored 1.4-1.8 points
-    # more val accuracy than 128 in 100 epochs (more steps at the paper's small rate) but takes
-    # twice the steps, and every step of a multi-worker run is an allreduce; 256 lost 1 point.
+    # Global batch, split evenly over the workers (the paper gives none): smaller batches take more
+    # steps at the paper's small rate, and every step of a multi-worker run is an allreduce
+    # (figures: docs/settings.md).
     batch_size: int = Field(default=128, ge=1, le=1_048_576)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     class_weight: Literal["none", "balanced"] = "none"
