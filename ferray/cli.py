@@ -131,9 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     annotate.add_argument("--gpus", type=float, help="GPUs per classifying actor (annotate.num_gpus)")
     annotate.add_argument("--smooth-seconds", type=float, help="window of each face track's smoothed label "
                           "(annotate.smooth_seconds, default 2; 0 = off)")
+    annotate.add_argument("--overlays", action="store_true", default=None, help="also draw the pictures: "
+                          "boxes and labels on each image, a sheet per video, the faces (OUT/_overlays/)")
     annotate.set_defaults(handler=_cmd_annotate, overrides=lambda a: {"annotate": {
         "fps": a.fps, "every_nth": a.every_nth, "segment_seconds": a.segment_seconds, "num_gpus": a.gpus,
-        "smooth_seconds": a.smooth_seconds}})
+        "smooth_seconds": a.smooth_seconds, "overlays": a.overlays}})
 
     train = commands.add_parser("train", parents=[common], help="fit the head on embeddings with Ray Train; write the model")
     train.add_argument("input", metavar="IN", help="embedded shards (folder or s3:// prefix)")
