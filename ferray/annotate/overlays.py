@@ -144,8 +144,9 @@ def face_crop(image: Image.Image, bbox: Sequence[int], side: int = FACE_SIDE) ->
 
 
 def _encode(image: Image.Image, kind: str) -> bytes:
+    # JPEG without chroma subsampling: a 2 px coloured outline keeps its colour.
     buffer = stdio.BytesIO()
-    image.save(buffer, format=kind, **({"quality": 90} if kind == "JPEG" else {"optimize": False}))
+    image.save(buffer, format=kind, **({"quality": 92, "subsampling": 0} if kind == "JPEG" else {}))
     return buffer.getvalue()
 
 
