@@ -72,7 +72,7 @@ def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import demo
 
-    return demo.run(settings, args.out)
+    return demo.run(settings, args.out, train=args.train)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")
+    demo.add_argument("--train", action="store_true", help="also run the training loop on 35 bundled faces "
+                      "(ingest -> align -> embed -> train -> evaluate; a few minutes)")
     demo.set_defaults(handler=_cmd_demo, overrides=lambda a: {})
     return parser
 
