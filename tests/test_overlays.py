@@ -52,9 +52,9 @@ def check_box_drawn(picture: np.ndarray, source: np.ndarray, row: dict[str, Any]
     for column, outside in ((x + width // 2, x - 4), (x + w - 1 - width // 2, x + w + 3)):
         assert off(picture[band, column], colour) < 40, (row["source_path"], column)
         if 0 <= outside < source.shape[1]:
-            assert off(picture[band, outside], source[band, outside]) < 12, (row["source_path"], outside)
+            assert off(picture[band, outside], source[band, outside]) < 25, (row["source_path"], outside)
     inside = (slice(y + h // 4, y + 3 * h // 4), slice(x + w // 4, x + 3 * w // 4))
-    assert off(picture[inside], source[inside]) < 8
+    assert off(picture[inside], source[inside]) < 10
 
 
 def test_draw_boxes_puts_each_box_and_caption_where_asked() -> None:
