@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 from ferray import __version__
 from ferray.config import Settings, load_settings
 from ferray.errors import EXIT_CANNOT_RUN, EXIT_CONFIG, FerrayError
+from ferray.logs import configure as configure_logging
 from ferray.logs import redact, secrets_of
 
 log = logging.getLogger("ferray")
@@ -47,16 +48,9 @@ def _cmd_annotate(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
-    from ferray.model import artifact as model
-    from ferray.training import train
+    from ferray import training
 
-    if settings.finetune.enabled:
-        from ferray.training import tune
-
-        return tune.run(settings, args.input, args.model_out)
-    result = train.run(settings, args.input, args.model_out)
-    model.from_training(settings, result, args.model_out, args.input)
-    return result
+    return training.run(settings, args.input, args.model_out)
 
 
 def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
@@ -80,10 +74,13 @@ def _parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE.yaml", help="settings file; FERRAY_<SECTION>__<FIELD> env vars override it")
-    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="ferray's own records; DEBUG also lets TensorFlow, absl, CUDA and Ray say everything")
+    common.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="DEBUG",
+                        help="the same as --log-level DEBUG")
 
     parser = argparse.ArgumentParser(prog="ferray", description="Facial-expression recognition as a batch job on Ray.")
-    parser.add_argument("--version", action="version", version=f"ferray {__version__}")
+    parser.add_argument("--version", action=_Version, help="ferray's version and the default model's; then exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ingest = commands.add_parser("ingest", parents=[common], help="a dataset layout -> Parquet shards")
@@ -165,6 +162,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """`--version`: read the default model's ferray.json only when asked, not at every parse."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from ferray.model.artifact import default_version
+
+        print(f"ferray {__version__} (default model {default_version()})")  # on stdout, as argparse's own
+        parser.exit()
+
+
 def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
     # With --fine-tune, --epochs and --batch-size speak of the fine-tune's recipe.
     recipe = {"epochs": a.epochs, "batch_size": a.batch_size}
@@ -181,12 +192,13 @@ def _overrides(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(args.log_level)  # before anything imports TensorFlow or starts Ray
     handler: Callable[[Settings, argparse.Namespace], Any] = args.handler
     # Only ferray's own errors become a one-line exit; anything else is a bug and raises with its traceback.
     try:
         settings = load_settings(args.config, **_overrides(args.overrides(args)))
-        redact(secrets_of(settings.storage.resolved()))  # before any library can log a request with them
+        redact(secrets_of(settings.storage))  # before any library can log a request with them
+        log.debug("ferray %s %s, settings: %s", __version__, args.command, settings.public_dict())
         summary = handler(settings, args)
     except FerrayError as error:
         print(f"ferray: {_reason(error)}", file=sys.stderr)

@@ -29,7 +29,8 @@ class Section(BaseModel):
 
 
 class StorageSettings(Section):
-    """Object-storage access; unset fields fall back to the standard AWS environment on the driver."""
+    """Object-storage access; unset fields fall back to the standard AWS environment (`load_settings`
+    resolves them once, on the driver)."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -92,6 +93,7 @@ class FacesSettings(Section):
     """Dlib detection and alignment (owned by ferray.faces)."""
 
     # HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector, more poses, slow without CUDA.
+    # YuNet: libfacedetection's small CNN, more faces than HOG for less CPU (docs/benchmarks-annotate.md).
     detector: str = "hog"  # a name in ferray.faces.DETECTORS
     # Each step doubles the image before detection: it halves the smallest face found and costs about
     # 4× the time; 48×48 FER-2013 faces need one (docs/settings.md).
@@ -234,6 +236,13 @@ class AnnotateSettings(Section):
     # (`inference.flip_tta`); False classifies each face once: half the classify cost for a little
     # accuracy; a temperature fitted with TTA then shifts confidences slightly.
     flip_tta: bool | None = None
+    # Classifying runtime: `keras`, the artifact itself; `tflite`, its LiteRT graph at `lite_precision`,
+    # exported once per model (keyed by model.keras's sha256; `python -m ferray.model.lite`) and run
+    # without TensorFlow in the actors: half the CPU a face, seconds less start-up. float32 gives
+    # Keras's probabilities to ~1e-5; float16 halves the file; int8 needs calibration faces and, on CPUs
+    # without VNNI, is hardly faster (figures: docs/benchmarks-annotate.md).
+    runtime: Literal["keras", "tflite"] = "keras"
+    lite_precision: Literal["float32", "float16", "int8"] = "float32"
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
     # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:
     # with num_gpus > 0 one per GPU share, else one per `label_every` CPUs holding no CPU of its own
@@ -546,6 +555,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     token = _YAML_FILE.set(path)
     try:
         settings = Settings(**overrides)
+        # Credentials and endpoint fall back to the AWS_* environment here, once, on the driver: every
+        # stage and worker then uses `settings.storage` as it is and never reads the environment.
+        settings = settings.model_copy(update={"storage": settings.storage.resolved()})
         settings._config_file = None if path is None else _experiment_name(path)
         return settings
     except ValidationError as error:

@@ -43,7 +43,7 @@ class PipelineSummary:
 
 def render_pipeline(data: dict[str, Any]) -> str:
     """The one-screen summary of a pipeline run: a model and its reports per backbone."""
-    from ferray.training.train import percent
+    from ferray.training.runs import percent
 
     lines = [f"ferray pipeline: {data['workdir']}   time: {data['seconds']:.1f} s"]
     for row in data["rows"]:
@@ -83,7 +83,7 @@ def embedded(settings: Settings, aligned: str, workdir: str, label: str) -> tupl
     """Embed one dataset with the configured backbone (cached per backbone identity)."""
     from ferray.model.backbones import backbone_fingerprint
 
-    storage = settings.storage.resolved()
+    storage = settings.storage
     identity = backbone_fingerprint(settings.backbone, fetch=functools.partial(io.fetch_cached, storage=storage),
                                     image_size=settings.faces.size)
     out = io.join(workdir, "data", label, "embedded", identity)
@@ -94,14 +94,13 @@ def embedded(settings: Settings, aligned: str, workdir: str, label: str) -> tupl
 
 
 def run(settings: Settings) -> PipelineSummary:
-    from ferray import evaluate
-    from ferray.training import train
+    from ferray import evaluate, training
 
     plan = settings.pipeline
     if plan.train is None:
         raise ConfigError("pipeline.train is not set: name the training dataset and its source")
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     targets = [plan.train, *[t for t in plan.evaluate if t.label != plan.train.label]]
     aligned = {t.label: prepare(settings, t, plan.workdir) for t in targets}
     summary = PipelineSummary(workdir=plan.workdir)
@@ -121,9 +120,9 @@ def run(settings: Settings) -> PipelineSummary:
             train_data, rate = data[plan.train.label]
             model_out = io.join(plan.workdir, "models", train_data.rsplit("/", 1)[-1])
             began = time.perf_counter()
-            result = train.run(chosen, train_data, model_out)
+            result = training.run(chosen, train_data, model_out)
             _log_training(result, time.perf_counter() - began)
-            parameters = int(artifacts.from_training(chosen, result, model_out, train_data).model.count_params())
+            parameters = int(artifacts.load(model_out, storage).model.count_params())
         row: dict[str, Any] = {"backbone": name, "model": model_out, "val_accuracy": result.val_accuracy,
                                "parameters": parameters, "embeddings_per_s": rate,
                                "train_seconds": result.seconds, "reports": {}}
@@ -146,11 +145,11 @@ def run(settings: Settings) -> PipelineSummary:
 
 def _fine_tune(settings: Settings, aligned: str, workdir: str, backbone: str) -> tuple[str, Any, int]:
     """`finetune.unfreeze` set: adapt the backbone on the aligned training faces (ferray.training.tune)."""
-    from ferray.training import tune
+    from ferray import training
 
     model_out = io.join(workdir, "models", f"{backbone}-finetune")
-    result = tune.run(settings, aligned, model_out)
-    parameters = int(artifacts.load(model_out, settings.storage.resolved()).model.count_params())
+    result = training.run(settings, aligned, model_out)
+    parameters = int(artifacts.load(model_out, settings.storage).model.count_params())
     return model_out, result, parameters
 
 

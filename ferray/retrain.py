@@ -148,7 +148,7 @@ def score(settings: Settings, model_uri: str, version: str, data: str, split: st
     from ferray.evaluate.command import classification_metrics
 
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     options = settings.evaluate
     artifact = artifacts.load(model_uri, storage)
     fingerprint = artifact.meta.get("backbone", {}).get("fingerprint")
@@ -222,7 +222,7 @@ def run(settings: Settings) -> RetrainSummary:
     """Rerun the pipeline, publish the candidate, score it and `current` on the holdout, promote or reject."""
     started = time.perf_counter()
     chosen, holdout = plan(settings)
-    storage = chosen.storage.resolved()
+    storage = chosen.storage
     registry = Registry(registry_uri(chosen), storage)
     # Hours of work must not end at an unreachable registry.
     io.check_reachable(registry.uri, storage, must_exist=False)

@@ -2,38 +2,75 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from typing import Any
 
 import ray
 
+from ferray import logs
 from ferray.config import RaySettings
 
 log = logging.getLogger(__name__)
 
+SETUP_HOOK = "ferray.logs.quiet_ray_workers"
+# Set by `ray job submit` in the job's driver: the job's runtime env, which ray.init merges with its own.
+JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
 
 def ensure_ray(settings: RaySettings) -> None:
-    """Join the configured cluster, or start a local Ray; reuse one already initialised."""
+    """Join the configured cluster, or start a local Ray; reuse one already initialised.
+
+    Below DEBUG (`ferray.logs.verbose`) Ray, Ray Data and the workers' TensorFlow start quietly;
+    at DEBUG each keeps its own defaults.
+    """
+    verbose = logs.verbose()
     if not ray.is_initialized():
         # Inside `ray job submit` Ray sets RAY_ADDRESS: that is joining a cluster, whose size is its own.
         joining = bool(settings.address or os.environ.get("RAY_ADDRESS"))
+        if not verbose:
+            logs.quiet_ray_driver()
         ray.init(
             address=settings.address or None,
             num_cpus=None if joining else settings.num_cpus,
             num_gpus=None if joining else settings.num_gpus,
             include_dashboard=False,
             log_to_driver=True,
-            logging_level=logging.WARNING,
-            # TensorFlow's C++ start-up chatter, and Ray's own monitors asking a dashboard this local
-            # Ray does not run, would otherwise flood every job log.
-            runtime_env=None if joining else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"},
-                                              "worker_process_setup_hook": "ferray.logs.quiet_ray_workers"},
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            runtime_env=worker_runtime_env(),
         )
-        log.info("ray: %s", ray.cluster_resources())
+        resources = ray.cluster_resources()
+        log.info("ray: %s, %g CPUs, %g GPUs", "joined a cluster" if joining else "started locally",
+                 resources.get("CPU", 0), resources.get("GPU", 0))
+        log.debug("ray: %s", resources)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = settings.progress_bars
-    context.print_on_execution_start = False
+    context.print_on_execution_start = verbose
+    if not verbose:
+        logs.quiet_ray_data()
+
+
+def worker_runtime_env() -> dict[str, Any] | None:
+    """What ferray adds to the runtime env of the Ray it starts or joins: quiet workers, unless at DEBUG.
+
+    Inside a submitted job ray.init merges this with the job's own runtime env and refuses two values
+    for one key, so a key the job sets (`--runtime-env`) is left to the job.
+    """
+    if logs.verbose():
+        return None
+    job: dict[str, Any] = {}
+    if os.environ.get(JOB_CONFIG_VAR):
+        job = json.loads(os.environ[JOB_CONFIG_VAR]).get("runtime_env") or {}
+    env: dict[str, Any] = {}
+    if "worker_process_setup_hook" not in job:
+        env["worker_process_setup_hook"] = SETUP_HOOK
+    taken = job.get("env_vars") or {}
+    env_vars = {name: value for name, value in logs.worker_env().items() if name not in taken}
+    if env_vars:
+        env["env_vars"] = env_vars
+    return env or None
 
 
 def configure_tensorflow(cpus: float, use_gpu: bool = True, inter_op: int | None = None) -> None:

@@ -24,6 +24,7 @@ from ferray.data import io
 from ferray.cli import EXIT_CANNOT_RUN, main
 from ferray.config import Settings, StorageSettings, load_settings
 from ferray.data.schema import ANNOTATION_SCHEMA, LABELS, VIDEO_SUMMARY_SCHEMA
+from ferray.model import artifact
 from test_faces import SAMPLES, load_face
 from test_video import Expected, build_media, zip_folder
 
@@ -76,8 +77,10 @@ def check_run(rows: pa.Table, root: str, expected: Expected, model_dir: Path, ou
     paths = [relpath_of(p, root) for p in rows["source_path"].to_pylist()]
     assert set(paths) == expected.all, "every input is accounted for"
     assert len(set(rows["id"].to_pylist())) == rows.num_rows, "row ids are unique"
-    version = json.loads((model_dir / "ferray.json").read_text())
-    assert set(rows["model_version"].to_pylist()) == {version.get("version") or version["created_at"]}
+    meta = json.loads((model_dir / "ferray.json").read_text())
+    # The artifact's own name for itself, else its folder's name and its metadata's fingerprint.
+    version = meta.get("version") or f"{model_dir.name}-{artifact.fingerprint(meta)[:12]}"
+    assert set(rows["model_version"].to_pylist()) == {version}
     by_path: dict[str, list[dict[str, Any]]] = {}
     for path, row in zip(paths, rows.to_pylist()):
         by_path.setdefault(path, []).append(row)

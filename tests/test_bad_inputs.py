@@ -25,7 +25,6 @@ import pytest
 from PIL import Image
 
 from ferray import executor
-from ferray import annotate
 from ferray.annotate import plan
 from ferray.data import io
 from ferray.cli import main

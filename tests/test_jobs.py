@@ -278,6 +278,9 @@ def test_jobs_run_on_a_submitted_local_cluster(session_ray: str, tmp_path: Path,
         align_s = time.perf_counter() - started - up - ingest_s
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         assert "ferray align:" in submit.stdout and "rows in: 35" in submit.stdout, submit.stdout[-4000:]
+        # Quiet in a job too: ferray's runtime env merged into the job's, Ray Data's tables kept off the log.
+        for noise in ("Running Dataset", "Execution plan", "Total Progress", "absl::InitializeLog", "cudart_stub"):
+            assert noise not in logs and noise not in submit.stdout, (logs + submit.stdout)[-4000:]
 
         # The session Ray is untouched while the other cluster runs.
         assert ray.get(ray.put("still here")) == "still here"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -87,3 +88,32 @@ def test_a_lambda_layer_is_refused_by_safe_mode(tmp_path: Path, model_dir: Path)
     shutil.copy(model_dir / "ferray.json", folder / "ferray.json")
     with pytest.raises(artifact.ModelError, match="safe mode"):
         artifact.load(str(folder), STORAGE)
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_versions_are_names_and_fingerprints_never_times_or_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    from ferray.cli import main
+
+    meta = json.loads((artifact.default_model_dir() / artifact.META_FILE).read_text())
+    version = artifact.default_version()
+    assert re.fullmatch(r"default-[0-9a-f]{12}", version), version
+    assert artifact.Artifact(str(artifact.default_model_dir()), None, meta).version == version
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and version in capsys.readouterr().out
+    # A new temperature is a new model; a name the artifact gives itself wins; the folder names the rest.
+    calibrated = {**meta, "inference": {**meta["inference"], "temperature": 2.0}}
+    assert artifact.version_of("default", calibrated) != version
+    assert artifact.version_of("s3://b/models/20261128T093324Z-c89080e6", {**meta, "version": "v7"}) == "v7"
+    assert artifact.version_of("s3://b/models/m1/model.keras", meta).startswith("m1-")
+    assert artifact.public_uri(str(artifact.default_model_dir())) == "default"
+    # The shipped metadata names where its weights came from by fingerprint, never by a machine's path.
+    paths = [s for s in _strings(meta) if re.search(r"(^|[\s:])/(tmp|home|root|work|Users)/", s)]
+    assert not paths, paths

@@ -49,3 +49,24 @@ def test_local_ray_workers_keep_job_warnings_and_drop_dashboard_noise() -> None:
     assert "the job's own warning" in output, output[-3000:]
     for noise in ("State API may be temporarily unavailable", "Checkpoint successfully created", "Reporting training result"):
         assert noise not in output, output[-3000:]
+
+
+def test_a_submitted_jobs_runtime_env_merges_with_ferrays(monkeypatch) -> None:
+    """In a job's driver ray.init merges ferray's runtime env into the job's and refuses two values for one
+    key: ferray adds only what the job (here infra/runtime_env.yaml, plus a TensorFlow setting) leaves unset."""
+    import json
+    from pathlib import Path
+
+    import yaml
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from ferray.runtime import JOB_CONFIG_VAR, SETUP_HOOK, worker_runtime_env
+
+    job = yaml.safe_load((Path(__file__).parents[1] / "infra" / "runtime_env.yaml").read_text())
+    job["env_vars"]["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    monkeypatch.setenv(JOB_CONFIG_VAR, json.dumps({"runtime_env": job}))
+    ours = worker_runtime_env()
+    assert ours is not None and ours["worker_process_setup_hook"] == SETUP_HOOK
+    assert "TF_CPP_MIN_LOG_LEVEL" not in ours["env_vars"] and ours["env_vars"]["GRPC_VERBOSITY"] == "ERROR"
+    merged = _merge_runtime_env(job, ours)
+    assert merged is not None and merged["env_vars"]["TF_CPP_MIN_LOG_LEVEL"] == "1"

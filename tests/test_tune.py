@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -56,10 +57,14 @@ def test_bad_fine_tune_settings_fail_before_any_work(tmp_path: Path, capsys) -> 
     assert code == 3 and "one worker" in capsys.readouterr().err
 
 
-def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(aligned: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def finetuned(aligned: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str, Any, Path]:
+    """A fine-tune whose worker dies in its third epoch and resumes: (settings, model folder, result,
+    the kill marker). The second-cycle test reuses it as its parent model."""
+    folder = tmp_path_factory.mktemp("finetuned")
     settings = load_settings(ray={"progress_bars": False}, finetune={"unfreeze": "all", **QUICK},
                              train={"max_failures": 1})
-    killed = tmp_path / "killed"
+    killed = folder / "killed"
 
     def kill_once(rank: int, epoch: int) -> None:
         # The marker outlives the process, so the restarted worker trains on from its checkpoint.
@@ -67,9 +72,13 @@ def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(a
             killed.touch()
             os._exit(1)
 
-    out = str(tmp_path / "model")
-    result = tune.run(settings, aligned, out, epoch_hook=kill_once)
+    out = str(folder / "model")
+    return settings, out, tune.run(settings, aligned, out, epoch_hook=kill_once), killed
 
+
+def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(
+        aligned: str, finetuned: tuple[Any, str, Any, Path], tmp_path: Path) -> None:
+    settings, out, result, killed = finetuned
     assert killed.exists() and result.starts[0] == 0 and len(result.starts) == 2 and result.starts[1] >= 1
     history = io.read_json(io.join(out, tune.HISTORY_FILE), settings.storage)
     assert [row["epoch"] for row in history] == [1, 2, 3]
@@ -103,12 +112,12 @@ def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(a
     assert again.starts == result.starts and again.seconds == result.seconds
 
 
-def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(aligned: str, tmp_path: Path) -> None:
+def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(
+        aligned: str, finetuned: tuple[Any, str, Any, Path], tmp_path: Path) -> None:
     """MixUp/CutMix, square-root class weights and EMA on the backbone of an earlier run; the artifact
     names that parent by fingerprint and the experiment file by name, never by a machine path. A run
     stopped mid-way and rerun with its budget lowered finishes at once with its best epoch so far."""
-    first = str(tmp_path / "first")
-    tune.run(load_settings(ray={"progress_bars": False}, finetune={"unfreeze": "all", **QUICK, "epochs": 1}), aligned, first)
+    first = finetuned[1]
     parent = json.loads((Path(first) / artifacts.META_FILE).read_text())
     config = tmp_path / "second-cycle.yaml"
     config.write_text(f"backbone: {{weights: 'artifact:{first}'}}\n"
@@ -137,11 +146,15 @@ def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(align
 
     text = (Path(second) / artifacts.META_FILE).read_text()
     meta = json.loads(text)
-    assert str(tmp_path) not in text and "/tmp" not in text
+    assert str(tmp_path) not in text and first not in text and "/tmp" not in text
     assert meta["experiment"] == "second-cycle.yaml"
     assert meta["backbone"]["parent"]["fingerprint"] == parent["backbone"]["fingerprint"]
     assert meta["backbone"]["weights_source"] == f"fine-tuned from artifact:{parent['backbone']['fingerprint']}"
-    assert result.finetune["cutmix"] == 1.0
+    assert result.finetune["cutmix"] == 1.0 and result.stop_reason == "budget"
+
+    # Rerun with the budget raised (none): the run trains on from its checkpoint to its last epoch.
+    raised = tune.run(settings, aligned, second)
+    assert raised.epochs_run == 3 and raised.starts == [0, result.epochs_run] and not raised.stopped_early
 
 
 def test_mixing_keeps_labels_in_the_share_of_pixels_kept() -> None:

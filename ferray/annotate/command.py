@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 from ferray.annotate import plan
-from ferray.annotate.job import Job, face_settings, resolve_model, run_key
+from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
 from ferray.annotate.ledger import Ledger, ShardRecord, prune_replaced, read_ledger, remove_shard, remove_unmarked
 from ferray.annotate.media import media_type
 from ferray.annotate.overlays import write_overlays
@@ -16,6 +16,7 @@ from ferray.annotate.summaries import write_video_summaries
 from ferray.config import Settings
 from ferray.data import io
 from ferray.executor import Summary
+from ferray.model import artifact
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,10 @@ log = logging.getLogger(__name__)
 def run(settings: Settings, model: str, source: str, out: str) -> Summary:
     """Annotate SOURCE into OUT with MODEL; inputs already annotated by the same model and settings are skipped."""
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
-    ref = resolve_model(model, storage)
+    ref = with_lite(resolve_model(model, storage), settings.annotate, storage)
     faces = face_settings(settings.faces, ref)
     job = Job(source, out, storage, faces, settings.annotate, ref, run_key(ref, faces, settings.annotate))
     threads = settings.annotate.probe_threads
@@ -70,7 +71,7 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
     summary.seconds = round(time.perf_counter() - started, 2)
     if written or videos or changed or ledger.others:
         io.write_json(io.join(out, io.META, "annotate.json"),
-                      {"model": model, "model_uri": ref.uri, "model_version": ref.version, "run_key": job.run_key,
+                      {"model": model, "model_uri": artifact.public_uri(ref.uri), "model_version": ref.version, "run_key": job.run_key,
                        "summary": summary.to_dict(), "settings": settings.public_dict()}, storage)
     return summary
 

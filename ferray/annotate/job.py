@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,8 @@ class ModelRef:
     face_size: int
     face_color: str
     flip_tta: bool = False  # the artifact's own `inference.flip_tta`
+    sha256: str = ""  # of model.keras; set when annotate.runtime is tflite (the LiteRT graph's key)
+    lite_uri: str | None = None  # the LiteRT graph found on the driver; None: the labeller exports it
 
 
 def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
@@ -45,6 +48,23 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
                     bool(meta.get("inference", {}).get("flip_tta", False)))
 
 
+def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSettings) -> ModelRef:
+    """The model with its LiteRT graph looked up (annotate.runtime tflite): a float graph missing here is
+    exported by the labeller; an int8 one needs calibration faces, so it must be exported beforehand."""
+    from ferray.model import artifact, lite
+
+    if settings.runtime != "tflite":
+        return model
+    folder = model.uri.rsplit("/", 1)[0] if model.uri.endswith(".keras") else model.uri
+    keras_uri = model.uri if model.uri.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
+    sha = lite.model_sha256(keras_uri, storage)
+    found = lite.find(folder, sha, settings.lite_precision, storage)
+    if found is None and settings.lite_precision in lite.NEEDS_CALIBRATION:
+        raise artifact.ModelError(f"no int8 graph of {model.uri}: export one with `python -m ferray.model.lite "
+                                  f"{model.uri} --precision int8 --calibration ALIGNED_SHARDS`")
+    return dataclasses.replace(model, sha256=sha, lite_uri=found)
+
+
 def face_settings(faces: FacesSettings, model: ModelRef) -> FacesSettings:
     """Faces as the model was trained on them; annotation keeps every face and never guesses one."""
     return faces.model_copy(update={"size": model.face_size, "color": model.face_color, "fallback": "none", "keep": "all"})
@@ -64,6 +84,8 @@ def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -
         "flip_tta": model.flip_tta if settings.flip_tta is None else settings.flip_tta,
         "detect": {"upsample": settings.upsample, "upsample_below": settings.upsample_below},
     }
+    if settings.runtime != "keras":  # its own probabilities (the Keras key stays what it was)
+        knobs["runtime"] = {"runtime": settings.runtime, "precision": settings.lite_precision}
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -1,33 +1,59 @@
-"""Labelling: the Keras artifact applied to draft rows, giving labels, confidences and probabilities."""
+"""Labelling: the model (Keras or its LiteRT graph) applied to draft rows, giving labels, confidences and probabilities."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from ferray.annotate.detect import DRAFT_SCHEMA
 from ferray.annotate.job import Job
+from ferray.data import io
 from ferray.data.schema import ANNOTATION_SCHEMA, LABELS, TRACK_FIELDS
 
 log = logging.getLogger(__name__)
 
 
+def _check_version(version: str, job: Job) -> None:
+    from ferray.model import artifact
+
+    if version != job.model.version:
+        raise artifact.ModelError(f"model at {job.model.uri} changed during the run "
+                                  f"({job.model.version} planned, {version} found)")
+
+
 class Labeller:
-    """The Keras artifact loaded once per actor (on its GPU when it has one), applied in batches."""
+    """The model loaded once per actor: the Keras artifact (on its GPU when it has one), or its LiteRT graph
+    (annotate.runtime tflite: no TensorFlow unless the graph must first be exported), applied in batches."""
 
     def __init__(self, job: Job) -> None:
+        self.job = job
+        self.channels = 1 if job.model.face_color == "gray" else 3
+        self.model = self._lite(job) if job.settings.runtime == "tflite" else self._keras(job)
+
+    @staticmethod
+    def _keras(job: Job) -> Any:
         from ferray.model import artifact
         from ferray.runtime import configure_tensorflow
 
         configure_tensorflow(job.settings.num_cpus, job.settings.num_gpus > 0)
-        self.artifact = artifact.load(job.model.uri, job.storage)
-        if self.artifact.version != job.model.version:
-            raise artifact.ModelError(f"model at {job.model.uri} changed during the run "
-                                      f"({job.model.version} planned, {self.artifact.version} found)")
-        self.job = job
-        self.channels = 1 if job.model.face_color == "gray" else 3
+        loaded = artifact.load(job.model.uri, job.storage)
+        _check_version(loaded.version, job)
+        return loaded
+
+    @staticmethod
+    def _lite(job: Job) -> Any:
+        from ferray.model import artifact, lite
+
+        folder = job.model.uri.rsplit("/", 1)[0] if job.model.uri.endswith(".keras") else job.model.uri
+        meta = io.read_json(io.join(folder, artifact.META_FILE), job.storage)
+        _check_version(artifact.Artifact(uri=folder, model=None, meta=meta).version, job)
+        uri = job.model.lite_uri
+        if uri is None or not io.exists(uri, job.storage):  # not on this machine yet: converted once, here
+            uri = lite.export(job.model.uri, job.storage, job.settings.lite_precision)
+        return lite.LiteModel(uri, meta, job.storage, threads=max(1, int(job.settings.num_cpus)))
 
     def __call__(self, drafts: pa.Table) -> pa.Table:
         size, n = self.job.model.face_size, drafts.num_rows
@@ -38,7 +64,7 @@ class Labeller:
         probs_column: list[list[float] | None] = [None] * n
         if rows:
             faces = np.stack([np.frombuffer(chips[i], np.uint8).reshape(size, size, self.channels) for i in rows])
-            probs = self.artifact.predict(faces.astype(np.float32), self.job.settings.predict_batch, self.job.settings.flip_tta)
+            probs = self.model.predict(faces.astype(np.float32), self.job.settings.predict_batch, self.job.settings.flip_tta)
             for i, p in zip(rows, probs):
                 labels[i] = int(p.argmax())
                 confidences[i] = float(p.max())

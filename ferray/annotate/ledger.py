@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 
 from ferray.annotate.job import Job
-from ferray.annotate.media import SHARD_NAME, Unit, UnitKey, media_type
+from ferray.annotate.media import SHARD_NAME, Unit, UnitKey
 from ferray.annotate.stage import annotation_stats
 from ferray.config import StorageSettings
 from ferray.data import io

@@ -109,7 +109,7 @@ def run(settings: Settings, dataset: str, source: str, out: str) -> Summary:
     if dataset not in READERS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
     tree = io.Tree(source, storage)

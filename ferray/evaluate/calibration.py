@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import softmax
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import log_loss
 
@@ -20,19 +19,13 @@ from ferray.data.schema import LABELS
 from ferray.errors import InputError
 from ferray.evaluate import scoring
 from ferray.model import artifact as artifacts
+from ferray.model.head import apply_temperature
 
 log = logging.getLogger(__name__)
 
 # Search range of the temperature; outside it a model is broken rather than miscalibrated.
 T_MIN, T_MAX = 0.05, 20.0
 _LABELS = list(range(len(LABELS)))
-
-
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): the same scaling `Artifact.predict` applies (log p = logits + a constant)."""
-    if temperature == 1.0 or len(probs) == 0:
-        return np.asarray(probs, np.float64)
-    return softmax(np.log(np.clip(probs, 1e-12, 1.0)) / temperature, axis=1)
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -124,7 +117,7 @@ def calibrate(settings: Settings, model_uri: str, val_data: str, split: str = "v
     """
     if model_uri == artifacts.DEFAULT:
         raise artifacts.ModelError("the default model ships inside ferray; copy it to a folder to calibrate it")
-    storage = settings.storage.resolved()
+    storage = settings.storage
     io.check_reachable(val_data, storage, must_exist=True)
     artifact = artifacts.load(model_uri, storage)
     rows = scoring.select(val_data, storage, artifact.meta.get("backbone", {}).get("fingerprint"), split,

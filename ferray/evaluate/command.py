@@ -145,7 +145,8 @@ def _model_identity(artifact: artifacts.Artifact, training: str | None, storage:
     meta = artifact.meta
     local = io.fetch_cached(io.join(artifact.uri, artifacts.MODEL_FILE), storage)
     return {
-        "uri": artifact.uri,
+        "uri": artifacts.public_uri(artifact.uri),
+        "version": artifact.version,
         "sha256": file_sha256(local),
         "backbone": meta.get("backbone", {}).get("fingerprint"),
         "backbone_name": meta.get("backbone", {}).get("name"),
@@ -191,7 +192,7 @@ def _figures(rows: scoring.Rows, probs: np.ndarray, embeddings: np.ndarray, metr
 def run(settings: Settings, model_uri: str, source: str, out: str, calibrate_on: str | None = None) -> EvalSummary:
     """Evaluate MODEL on DATA's labelled rows and write metrics, predictions, figures and report.md to OUT."""
     started = time.perf_counter()
-    storage = settings.storage.resolved()
+    storage = settings.storage
     options = settings.evaluate
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)

@@ -14,6 +14,7 @@ from typing import Any
 DETECTORS: dict[str, str] = {
     "hog": "ferray.faces.hog:load",
     "mmod": "ferray.faces.mmod:load",
+    "yunet": "ferray.faces.yunet:load",
 }
 
 _EXPORTS: dict[str, str] = {
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "ferray.faces.detect": "Box Detector detect_faces detection_scale load_detector",
     "ferray.faces.hog": "HOG_REACH",
     "ferray.faces.mmod": "MMOD_MODEL_FILE",
+    "ferray.faces.yunet": "YUNET_REACH",
     "ferray.faces.landmarks": "eye_line_angle landmark_points load_predictor predict_landmarks",
     "ferray.faces.align": "MIN_IMAGE_SIDE TOO_SMALL AlignResult AlignStage AlignedFace align_face align_image "
                           "align_images clip_bbox encode_png full_frame_face resize_bicubic too_small",

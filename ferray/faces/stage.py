@@ -76,7 +76,7 @@ def contact_sheet(out: str, storage: StorageSettings, count: int = 64, seed: int
 
 def run(settings: Settings, source: str, out: str) -> Summary:
     """Align every ok row of the ingested shards under SOURCE into OUT."""
-    storage = settings.storage.resolved()
+    storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
     units = upstream_units(source, storage, {"stage": "align", **settings.faces.model_dump(mode="json")})

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -17,6 +19,7 @@ from ferray import __version__
 from ferray.config import Settings, StorageSettings
 from ferray.data import io
 from ferray.data.schema import LABELS
+from ferray.model import head
 from ferray.errors import ModelError
 from ferray.model import META_FILE, MODEL_FILE
 
@@ -30,15 +33,60 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("ferray") / "assets" / "default-model"))
 
 
+def is_default(uri: str) -> bool:
+    """Whether `uri` is the shipped model's folder (or its model.keras)."""
+    path = Path(uri[:-len(MODEL_FILE)] if uri.endswith(MODEL_FILE) else uri)
+    try:
+        return path.resolve() == default_model_dir().resolve()
+    except (OSError, ValueError):  # an s3:// URI, or a path that cannot be resolved here
+        return False
+
+
+def public_uri(uri: str) -> str:
+    """A model's location as outputs record it: the shipped model is `default`, never this install's path."""
+    return DEFAULT if uri == DEFAULT or is_default(uri) else uri
+
+
+def fingerprint(meta: dict[str, Any]) -> str:
+    """sha256 of an artifact's ferray.json, its `version` aside.
+
+    The metadata names the backbone weights by sha256, the training data by fingerprint and the run
+    by its time and metrics, and holds the inference options (a new calibration is a new model), so it
+    tells artifacts apart on any storage without reading model.keras.
+    """
+    body = {key: value for key, value in meta.items() if key != "version"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def version_of(uri: str, meta: dict[str, Any]) -> str:
+    """What annotation rows call a model: ferray.json's own `version` when it names one, else
+    `<name>-<fingerprint prefix>`: `default` for the shipped model, otherwise the artifact's folder
+    name (a registry version, or MODEL_OUT's last part)."""
+    named = meta.get("version")
+    if isinstance(named, str) and named:
+        return named
+    folder = uri[:-len(MODEL_FILE)].rstrip("/") if uri.endswith(MODEL_FILE) else uri.rstrip("/")
+    name = DEFAULT if public_uri(folder) == DEFAULT else (folder.rsplit("/", 1)[-1] or "model")
+    return f"{name}-{fingerprint(meta)[:12]}"
+
+
+def default_version() -> str:
+    """The shipped model's version (`ferray --version`), or why there is none."""
+    meta_file = default_model_dir() / META_FILE
+    if not meta_file.is_file():
+        return "none shipped in this install"
+    return version_of(str(default_model_dir()), json.loads(meta_file.read_text()))
+
+
 def assemble(backbone: Any, head_weights: Sequence[np.ndarray]) -> Any:
     """One Keras 3 model: raw aligned face → frozen backbone → the trained head (dropout off)."""
     import keras
 
     from ferray.model.head import head_from_weights
 
-    head = head_from_weights(keras, head_weights)
+    top = head_from_weights(keras, head_weights)
     inputs = keras.Input(shape=backbone.input_shape[1:], name="face")
-    return keras.Model(inputs, head(backbone(inputs)), name="ferray")
+    return keras.Model(inputs, top(backbone(inputs)), name="ferray")
 
 
 def metadata(settings: Settings, backbone_meta: dict[str, Any], metrics: dict[str, Any], data_fingerprint: str,
@@ -70,6 +118,18 @@ def save(model: Any, meta: dict[str, Any], uri: str, storage: StorageSettings) -
     io.write_json(io.join(uri, META_FILE), meta, storage)
 
 
+def apply_inference(raw: Callable[[np.ndarray], np.ndarray], faces: np.ndarray, meta: dict[str, Any],
+                    flip_tta: bool | None = None) -> np.ndarray:
+    """`ferray.json`'s inference recipe around a model's raw probabilities: the mean with the mirrored
+    faces' (flip TTA; `flip_tta` overrides the artifact's choice, None keeps it), then the temperature.
+    One function for every runtime (Keras, LiteRT), so that they differ only in the raw numbers."""
+    inference = meta.get("inference", {})
+    probs = raw(faces)
+    if inference.get("flip_tta") if flip_tta is None else flip_tta:
+        probs = (probs + raw(faces[:, :, ::-1])) / 2.0
+    return head.apply_temperature(probs, float(inference.get("temperature", 1.0))).astype(np.float32)
+
+
 @dataclass
 class Artifact:
     """A loaded model and its metadata."""
@@ -80,22 +140,13 @@ class Artifact:
 
     @property
     def version(self) -> str:
-        return str(self.meta.get("version") or self.meta.get("created_at") or self.uri)
+        return version_of(self.uri, self.meta)
 
     def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
         """Probabilities for raw aligned faces (N, s, s, c), applying the artifact's TTA and temperature.
 
         `flip_tta` overrides the artifact's own choice (None keeps it)."""
-        inference = self.meta.get("inference", {})
-        probs = self._predict(faces, batch_size)
-        if inference.get("flip_tta") if flip_tta is None else flip_tta:
-            probs = (probs + self._predict(faces[:, :, ::-1], batch_size)) / 2.0
-        temperature = float(inference.get("temperature", 1.0))
-        if temperature != 1.0:
-            logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
-        return probs.astype(np.float32)
+        return apply_inference(lambda x: self._predict(x, batch_size), faces, self.meta, flip_tta)
 
     def _predict(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
         parts = [np.asarray(self._serve(np.ascontiguousarray(faces[i : i + batch_size], np.float32)))
@@ -160,7 +211,7 @@ def from_training(settings: Settings, result: Any, model_out: str, source: str) 
     from ferray.model.backbones import backbone_fingerprint, backbone_metadata, build_backbone, resolve_weights
     from ferray.training.train import load_head_weights
 
-    storage = settings.storage.resolved()
+    storage = settings.storage
     fetch = functools.partial(io.fetch_cached, storage=storage)
     weights = resolve_weights(settings.backbone, fetch)
     expected = backbone_fingerprint(settings.backbone, weights, image_size=settings.faces.size)

@@ -6,6 +6,7 @@ import functools
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np

@@ -108,7 +108,7 @@ def units(settings: Settings, source: str, storage: StorageSettings) -> list[Sha
 
 def run(settings: Settings, source: str, out: str) -> Summary:
     """Embed every ok aligned face under SOURCE into OUT; finished shards of the same backbone are reused."""
-    storage = settings.storage.resolved()
+    storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
     stage = Embed(settings.backbone, settings.faces.size, storage)

@@ -112,6 +112,18 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
 # -- weight files ----------------------------------------------------------------------------------
 
 
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): a temperature applied to probabilities (log p = logits + a constant).
+
+    The one place inference scales confidences: the artifact applies its fitted T with it, and the
+    temperature is fitted (ferray.evaluate.calibration) through it."""
+    if temperature == 1.0 or len(probs) == 0:
+        return np.asarray(probs, np.float64)
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / temperature
+    scaled = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
 def weights_to_npz(weights: Sequence[np.ndarray], **extra: np.ndarray) -> bytes:
     """A weight list (plus named extras) as npz bytes; positions are kept as `w000`, `w001` …"""
     buffer = io.BytesIO()

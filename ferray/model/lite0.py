@@ -8,10 +8,14 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import keras
 import numpy as np
+
+if TYPE_CHECKING:  # the backbone table imports this module
+    from ferray.config import BackboneSettings
+    from ferray.model.backbones import WeightsRef
 
 log = logging.getLogger(__name__)
 

@@ -13,17 +13,12 @@ is then the matmuls and one small allreduce per step.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,19 +32,13 @@ from ferray.data.schema import LABELS, SPLITS, STATUS_OK
 from ferray.errors import InputError
 from ferray.model import head
 from ferray.runtime import configure_tensorflow
+from ferray.training import runs
+from ferray.training.runs import CHECKPOINTS, HISTORY_FILE, METRICS_FILE, EpochHook, TrainResult, TrainState
 
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "head.npz"
-HISTORY_FILE = "history.json"
-METRICS_FILE = "metrics.json"
-CHECKPOINTS = "_checkpoints"
-_STATE_NPZ, _STATE_JSON = "state.npz", "state.json"
-_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-# Called on every worker at the start of each epoch with (world rank, 0-based epoch); a hook for
-# fault drills and instrumentation. Must pickle (Ray ships it to the workers).
-EpochHook = Callable[[int, int], None]
+__all__ = ["CHECKPOINTS", "HEAD_FILE", "HISTORY_FILE", "METRICS_FILE", "TrainResult", "run", "scan"]
 
 
 # -- the input -------------------------------------------------------------------------------------
@@ -109,16 +98,6 @@ def _shard_name(uri: str) -> str:
     return uri.rsplit("/", 1)[-1][: -len(".parquet")]
 
 
-def _arrow_fs(uri: str, storage: StorageSettings) -> tuple[pa.fs.FileSystem | None, str]:
-    """A pyarrow filesystem over ferray.data.io's fsspec one, for Ray Train's storage (None: local)."""
-    if not io.is_remote(uri):
-        return None, os.path.abspath(io.url_to_fs(uri, storage)[1])
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = io.url_to_fs(uri, storage)
-    return PyFileSystem(FSSpecHandler(fs)), path
-
-
 def read_splits(data: TrainData, storage: StorageSettings) -> dict[str, pa.Table]:
     """Usable rows (labelled, ok, embedded) of train, val and test: one driver-side pass over the shards.
 
@@ -156,46 +135,6 @@ def to_numpy(batches: Iterable[pa.Table]) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Everything a resumed run needs, and what the driver reads back from the last checkpoint."""
-
-    epochs_done: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0  # 1-based; 0 = none yet
-    best_val_accuracy: float = -1.0
-    stopped_early: bool = False
-    # epochs_done at each (re)start of the worker loop: [0] for a clean run, [0, 3] after a resume.
-    starts: list[int] = field(default_factory=list)
-    weights: list[np.ndarray] = field(default_factory=list)
-    optimizer: list[np.ndarray] = field(default_factory=list)
-    best_weights: list[np.ndarray] = field(default_factory=list)
-
-    def save(self, folder: str) -> None:
-        arrays = {f"o{i:03d}": a for i, a in enumerate(self.optimizer)}
-        arrays |= {f"b{i:03d}": a for i, a in enumerate(self.best_weights)}
-        Path(folder, _STATE_NPZ).write_bytes(head.weights_to_npz(self.weights, **arrays))
-        meta = {k: v for k, v in asdict(self).items() if k not in ("weights", "optimizer", "best_weights")}
-        Path(folder, _STATE_JSON).write_text(json.dumps(meta))
-
-    @classmethod
-    def load(cls, folder: str) -> TrainState:
-        meta = json.loads(Path(folder, _STATE_JSON).read_text())
-        data = Path(folder, _STATE_NPZ).read_bytes()
-        return cls(
-            **meta,
-            weights=head.weights_from_npz(data, "w"),
-            optimizer=head.weights_from_npz(data, "o"),
-            best_weights=head.weights_from_npz(data, "b"),
-        )
-
-    def finished(self, epochs: int) -> bool:
-        return self.stopped_early or self.epochs_done >= epochs
-
-
 # -- the worker ------------------------------------------------------------------------------------
 
 
@@ -224,17 +163,6 @@ def _input_pipeline(x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | No
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )
-
-
-def _restore(model: Any, state: TrainState) -> None:
-    model.set_weights(state.weights)
-    # Slots exist only once the optimizer is built; build, then overwrite with the saved values.
-    model.optimizer.build(model.trainable_variables)
-    variables = model.optimizer.variables
-    if len(variables) != len(state.optimizer):
-        raise ValueError(f"checkpoint has {len(state.optimizer)} optimizer variables, the optimizer {len(variables)}")
-    for variable, value in zip(variables, state.optimizer):
-        variable.assign(value)
 
 
 def _val_metrics(model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -281,7 +209,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = TrainState.load(folder)
         with strategy.scope():
-            _restore(model, state)
+            model.set_weights(state.weights)
+            runs.restore_optimizer(model.optimizer, model.trainable_variables, state.optimizer)
         log.info("rank %d: resuming after epoch %d", rank, state.epochs_done)
     if state.finished(train.epochs):
         return
@@ -302,28 +231,21 @@ def train_worker(config: dict[str, Any]) -> None:
             row |= {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "accuracy")}
             row |= _val_metrics(self.model, x_val, y_val)
             row["seconds"] = round(time.perf_counter() - self.started, 3)
-            state.history.append(row)
-            state.epochs_done = epoch + 1
-            score = row.get("val_accuracy", -1.0)
-            if rank == 0 and (score > state.best_val_accuracy or not has_val):
-                state.best_epoch, state.best_val_accuracy = epoch + 1, score
-                state.best_weights = self.model.get_weights()
+            if rank == 0:
+                state.record(row, self.model.get_weights)
+            else:  # only rank 0 chooses (it alone sees val) and checkpoints
+                state.history.append(row)
+                state.epochs_done = epoch + 1
             if train.patience:
-                # Rank 0 alone sees val; every worker must stop at the same step or allreduce hangs.
+                # Every worker must stop at the same step or allreduce hangs: rank 0 decides for all.
                 stop = epoch + 1 - state.best_epoch >= train.patience if rank == 0 else False
-                state.stopped_early = self.model.stop_training = bool(
-                    broadcast_from_rank_zero(stop))
-            self._report(row)
-
-        def _report(self, row: dict[str, float]) -> None:
-            if rank != 0:
-                ray.train.report(row)
-                return
-            state.weights = self.model.get_weights()
-            state.optimizer = [np.asarray(v.numpy()) for v in self.model.optimizer.variables]
-            with tempfile.TemporaryDirectory(prefix="ferray-head-") as folder:
-                state.save(folder)
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                if broadcast_from_rank_zero(stop):
+                    state.stop("patience")
+                    self.model.stop_training = True
+            if rank == 0:
+                state.weights = self.model.get_weights()
+                state.optimizer = [np.asarray(v.numpy()) for v in self.model.optimizer.variables]
+            runs.report(state, row, checkpoint=rank == 0)
 
     dataset = _input_pipeline(x, y, weights, batch, train.seed + rank)
     model.fit(
@@ -339,140 +261,11 @@ def train_worker(config: dict[str, Any]) -> None:
 # -- the driver ------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainResult:
-    """What a training run produced; also written as MODEL_OUT/metrics.json."""
-
-    model_out: str
-    run_name: str
-    checkpoints: str
-    backbone: str | None
-    input_dim: int
-    rows: dict[str, int]
-    # labelled rows per split and class, in LABELS order
-    counts: dict[str, list[int]]
-    skipped: dict[str, int]
-    epochs_run: int
-    best_epoch: int
-    val_accuracy: float | None
-    test_accuracy: float | None
-    # epochs already done at each start of the workers ([0] clean; [0, k] resumed after epoch k)
-    starts: list[int]
-    stopped_early: bool
-    seconds: float
-    seconds_per_epoch: float
-    head: dict[str, Any]
-    train: dict[str, Any]
-    data_fingerprint: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def render(self) -> str:
-        return render_training(self.to_dict())
-
-
-def render_training(data: dict[str, Any]) -> str:
-    """The one-screen summary of a training run, head or fine-tune."""
-    rows = ", ".join(f"{k} {v}" for k, v in data["rows"].items())
-    skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
-    return "\n".join([
-        f"ferray train: {data['model_out']}   time: {data['seconds']:.1f} s ({data['seconds_per_epoch']:.2f} s/epoch)",
-        f"  rows: {rows}; skipped: {skipped}",
-        f"  epochs run: {data['epochs_run']} (best {data['best_epoch']}, starts {data['starts']})",
-        f"  val accuracy {percent(data['val_accuracy'])}, test accuracy {percent(data['test_accuracy'])}",
-        f"  model: {data['model_out']}/model.keras + ferray.json",
-    ])
-
-
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
 def run_name(data: TrainData, head_settings: HeadSettings, train: TrainSettings) -> str:
-    """Stable per job: same data and recipe -> same name -> Ray Train resumes its checkpoints."""
     if train.run_name:
         return train.run_name
-    key = json.dumps({"data": data.fingerprint, "head": head_settings.model_dump(mode="json"),
-                      "train": train.recipe()}, sort_keys=True)
-    return f"ferray-head-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _run_config(name: str, checkpoints: str, train: TrainSettings, storage: StorageSettings,
-                legacy_keras: bool = True) -> Any:
-    import ray.train
-
-    filesystem, path = _arrow_fs(checkpoints, storage)
-    return ray.train.RunConfig(
-        name=name,
-        storage_path=path,
-        storage_filesystem=filesystem,
-        failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-        # Every checkpoint holds the best weights so far, so the latest two are all a resume needs.
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        # tf.keras must mean tf_keras from the first import in a worker, not only after Ray's setup.
-        # (The fine-tune's workers run Keras 3: legacy_keras=False.)
-        worker_runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1" if legacy_keras else "0", "TF_CPP_MIN_LOG_LEVEL": "2"}},
-    )
-
-
-def _fit(
-    data: TrainData,
-    train_rows: pa.Table,
-    val: tuple[np.ndarray, np.ndarray],
-    head_settings: HeadSettings,
-    train: TrainSettings,
-    run_config: Any,
-    epoch_hook: EpochHook | None,
-) -> TrainState:
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
-
-    weights = head.class_weights(data.counts["train"], train.class_weight)
-    config = {
-        "head": head_settings.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"),
-        # One copy in the object store, fetched by rank 0 only.
-        "val": ray.put(val) if len(val[1]) else None,
-        "class_weight": None if weights is None else weights.tolist(),
-        "epoch_hook": epoch_hook,
-    }
-    resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1.0} if train.use_gpu else {})
-    trainer = TensorflowTrainer(
-        train_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources),
-        run_config=run_config,
-        # Each worker reads its share of the blocks through get_dataset_shard("train").
-        datasets={"train": ray.data.from_arrow(train_rows)},
-    )
-    with _report_interval(train.report_interval_s):
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_config.name} reported no checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        return TrainState.load(folder)
-
-
-@contextlib.contextmanager
-def _report_interval(seconds: float) -> Iterator[None]:
-    """Let the Train controller poll workers every `seconds` for this run.
-
-    Each worker's report queue holds one result and the controller takes one per poll (every 2 s
-    by default), so epochs shorter than the poll interval would wait on `ray.train.report`. Ray
-    propagates this variable from the driver to the controller it starts; a value the user set wins.
-    """
-    if _POLL_ENV in os.environ:
-        yield
-        return
-    os.environ[_POLL_ENV] = str(seconds)
-    try:
-        yield
-    finally:
-        os.environ.pop(_POLL_ENV, None)
+    return runs.run_name("head", {"data": data.fingerprint, "head": head_settings.model_dump(mode="json"),
+                                  "train": train.recipe()})
 
 
 def _evaluate(weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> float | None:
@@ -495,14 +288,17 @@ def run(
 ) -> TrainResult:
     """Train the head on SOURCE's embedded shards with Ray Train; write weights and metrics to MODEL_OUT.
 
-    `settings` is the settings tree (its `storage` and `ray` sections; `head` and `train` too once
-    they live there); `head_settings` / `train` override those sections.
+    `head_settings` / `train` override the settings' sections (bench sweeps). The model artifact is
+    built from these outputs by `ferray.training.run`.
     """
+    import ray
+    import ray.data
+
     from ferray.runtime import ensure_ray
 
     head_settings = head_settings or settings.head
     train = train or settings.train
-    storage: StorageSettings = settings.storage.resolved()
+    storage: StorageSettings = settings.storage
     ray_settings: RaySettings = settings.ray
     started = time.perf_counter()
 
@@ -512,63 +308,43 @@ def run(
                          f"{train.workers} workers (rows by split: {data.counts}, skipped: {data.skipped})")
     name = run_name(data, head_settings, train)
     checkpoints = train.checkpoints or io.join(model_out, CHECKPOINTS)
-    finished = _finished(model_out, name, storage)
-    if finished is not None:
+    done = runs.finished(model_out, name, storage)
+    if done is not None:
         log.info("train: %s already finished in %s; nothing to do", name, model_out)
-        return finished
+        return done
     log.info("train: run %s, rows %s, skipped %s", name, {k: sum(v) for k, v in data.counts.items()}, data.skipped)
 
     ensure_ray(ray_settings)
     splits = read_splits(data, storage)
     val, test = to_numpy([splits["val"]]), to_numpy([splits["test"]])
-    run_config = _run_config(name, checkpoints, train, storage)
-    state = _fit(data, splits["train"], val, head_settings, train, run_config, epoch_hook)
+    weights = head.class_weights(data.counts["train"], train.class_weight)
+    config = {
+        "head": head_settings.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        # One copy in the object store, fetched by rank 0 only.
+        "val": ray.put(val) if len(val[1]) else None,
+        "class_weight": None if weights is None else weights.tolist(),
+        "epoch_hook": epoch_hook,
+    }
+    # Each worker reads its share of the blocks through get_dataset_shard("train").
+    state = runs.fit(train_worker, config, name, checkpoints, train, storage, workers=train.workers,
+                     legacy_keras=True, datasets={"train": ray.data.from_arrow(splits["train"])})
     best = state.best_weights or state.weights
     seconds = time.perf_counter() - started
-    trained = [row["seconds"] for row in state.history]
     result = TrainResult(
-        model_out=model_out,
-        run_name=name,
-        checkpoints=io.join(checkpoints, name),
-        backbone=data.backbone,
-        input_dim=int(best[0].shape[0]),
-        rows={k: sum(v) for k, v in data.counts.items()},
-        counts=data.counts,
-        skipped=data.skipped,
-        epochs_run=state.epochs_done,
-        best_epoch=state.best_epoch,
-        val_accuracy=_evaluate(best, *val),
-        test_accuracy=_evaluate(best, *test),
-        starts=state.starts,
-        stopped_early=state.stopped_early,
-        seconds=round(seconds, 2),
-        seconds_per_epoch=round(float(np.median(trained)), 3) if trained else 0.0,
-        head=head_settings.model_dump(mode="json"),
-        train=train.model_dump(mode="json"),
-        data_fingerprint=data.fingerprint,
+        model_out=model_out, run_name=name, checkpoints=io.join(checkpoints, name),
+        rows={k: sum(v) for k, v in data.counts.items()}, skipped=data.skipped,
+        epochs_run=state.epochs_done, best_epoch=state.best_epoch, starts=state.starts,
+        stopped_early=state.stopped_early, stop_reason=state.stop_reason, val_accuracy=_evaluate(best, *val), test_accuracy=_evaluate(best, *test),
+        seconds=round(seconds, 2), seconds_per_epoch=runs.median_epoch_seconds(state),
+        data_fingerprint=data.fingerprint, backbone=data.backbone, input_dim=int(best[0].shape[0]),
+        counts=data.counts, head=head_settings.model_dump(mode="json"), train=train.model_dump(mode="json"),
     )
-    _write_outputs(model_out, best, state, result, settings, storage)
+    io.write_bytes_atomic(io.join(model_out, HEAD_FILE), head.weights_to_npz(best), storage)
+    runs.write_run_files(model_out, state, result, settings, storage)
     log.info("train: best epoch %d, val %.4f, test %s, %.1fs", result.best_epoch, result.val_accuracy or float("nan"),
              result.test_accuracy, seconds)
     return result
-
-
-def _write_outputs(model_out: str, best: list[np.ndarray], state: TrainState, result: TrainResult,
-                   settings: Any, storage: StorageSettings) -> None:
-    """Weights, history, the run's settings, then metrics last: metrics.json marks the run finished."""
-    io.write_bytes_atomic(io.join(model_out, HEAD_FILE), head.weights_to_npz(best), storage)
-    io.write_json(io.join(model_out, HISTORY_FILE), state.history, storage)
-    io.write_json(io.join(model_out, io.META, "train.json"),
-                  {"summary": result.to_dict(), "settings": settings.public_dict()}, storage)
-    io.write_json(io.join(model_out, METRICS_FILE), result.to_dict(), storage)
-
-
-def _finished(model_out: str, name: str, storage: StorageSettings) -> TrainResult | None:
-    uri = io.join(model_out, METRICS_FILE)
-    if not io.exists(uri, storage):
-        return None
-    metrics = io.read_json(uri, storage)
-    return TrainResult(**metrics) if metrics.get("run_name") == name else None
 
 
 def load_head_weights(model_out: str, storage: StorageSettings) -> list[np.ndarray]:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import math
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,9 +29,11 @@ from ferray.data import io
 from ferray.data.schema import FACE, LABELS, SPLITS, STATUS_OK
 from ferray.errors import InputError
 from ferray.runtime import configure_tensorflow
-from ferray.training.train import CHECKPOINTS, HISTORY_FILE, METRICS_FILE, EpochHook, TrainState, _report_interval, _run_config
+from ferray.training import runs
+from ferray.training.runs import CHECKPOINTS, HISTORY_FILE, METRICS_FILE, EpochHook, TrainResult, TrainState
 
 log = logging.getLogger(__name__)
+__all__ = ["CHECKPOINTS", "HISTORY_FILE", "METRICS_FILE", "TrainResult", "load_faces", "run"]
 
 
 # -- the input -------------------------------------------------------------------------------------
@@ -125,24 +125,24 @@ def tune_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = TrainState.load(folder)
         model.set_weights(state.weights)
-        # Adam's slots exist once built; the step counter among them keeps the schedule where it was.
-        trainer.optimizer.build(trainer.trainable_variables)
-        for variable, value in zip(trainer.optimizer.variables, state.optimizer, strict=True):
-            variable.assign(value)
+        runs.restore_optimizer(trainer.optimizer, trainer.trainable_variables, state.optimizer)
         log.info("fine-tune: resuming after epoch %d", state.epochs_done)
     if state.finished(recipe.epochs):
         return
-    spent = sum(r["seconds"] for r in state.history)
-    if recipe.time_budget_s is not None and state.history and spent >= recipe.time_budget_s:
+    spent = state.seconds_spent
+    if recipe.time_budget_s is not None and state.history and spent + state.history[-1]["seconds"] > recipe.time_budget_s:
         # The budget (not part of the run's name) was lowered for this rerun: finish with the best so far.
         log.warning("fine-tune: %.0f s spent of a %.0f s budget; finishing after epoch %d", spent,
                     recipe.time_budget_s, state.epochs_done)
-        state.stopped_early = True
-        with tempfile.TemporaryDirectory(prefix="ferray-tune-") as folder:
-            state.save(folder)
-            ray.train.report(state.history[-1], checkpoint=ray.train.Checkpoint.from_directory(folder))
+        state.stop("budget")
+        runs.report(state, state.history[-1])
         return
+    # A run the budget stopped goes on when its rerun raised the budget.
+    state.stopped_early, state.stop_reason = False, None
     state.starts.append(state.epochs_done)
+
+    def best_weights() -> list[np.ndarray]:
+        return finetune.averaged_weights(model, trainer.optimizer) if recipe.ema else model.get_weights()
 
     class EpochEnd(keras.callbacks.Callback):
         """Best-on-val weights, budget and patience, then report + checkpoint every epoch."""
@@ -156,23 +156,18 @@ def tune_worker(config: dict[str, Any]) -> None:
             row = {"epoch": epoch + 1, "lr": float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate))}
             row |= {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
             row["seconds"] = round(time.perf_counter() - self.started, 3)
-            state.history.append(row)
-            state.epochs_done = epoch + 1
-            if row.get("val_accuracy", 0.0) > state.best_val_accuracy:
-                state.best_epoch, state.best_val_accuracy = epoch + 1, row.get("val_accuracy", 0.0)
-                state.best_weights = (finetune.averaged_weights(model, trainer.optimizer) if recipe.ema
-                                      else model.get_weights())
-            spent = sum(r["seconds"] for r in state.history)
-            over_budget = recipe.time_budget_s is not None and spent + row["seconds"] > recipe.time_budget_s
+            state.record(row, best_weights)
+            # Stop before an epoch that would not fit in the budget, judged by this one's length.
+            over_budget = (recipe.time_budget_s is not None
+                           and state.seconds_spent + row["seconds"] > recipe.time_budget_s)
             stale = recipe.patience and epoch + 1 - state.best_epoch >= recipe.patience
             if over_budget or stale:
                 log.warning("fine-tune: stopping after epoch %d (%s)", epoch + 1, "time budget" if over_budget else "patience")
-                state.stopped_early = trainer.stop_training = True
+                state.stop("budget" if over_budget else "patience")
+                trainer.stop_training = True
             state.weights = model.get_weights()
             state.optimizer = [np.asarray(keras.ops.convert_to_numpy(v)) for v in trainer.optimizer.variables]
-            with tempfile.TemporaryDirectory(prefix="ferray-tune-") as folder:
-                state.save(folder)
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            runs.report(state, row)
             log.info("fine-tune epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
 
     weights = head.class_weights(np.bincount(y, minlength=len(LABELS)).tolist(), recipe.class_weight)
@@ -208,58 +203,22 @@ def _identify_backbone(meta: dict[str, Any], model: Any) -> None:
 # -- the driver ------------------------------------------------------------------------------------
 
 
-@dataclass
-class TuneResult:
-    """What `ferray train --fine-tune` did; also the artifact's `metrics`."""
-
-    model_out: str
-    run_name: str
-    checkpoints: str
-    rows: dict[str, int]
-    skipped: dict[str, int]
-    epochs_run: int
-    best_epoch: int
-    starts: list[int]
-    stopped_early: bool
-    val_accuracy: float | None
-    test_accuracy: float | None
-    val_macro_f1: float | None
-    test_macro_f1: float | None
-    flip_tta: bool
-    temperature: float
-    seconds: float
-    seconds_per_epoch: float
-    faces_per_s: float
-    finetune: dict[str, Any]
-    data_fingerprint: str
-    stage: str = "train"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def render(self) -> str:
-        from ferray.training.train import render_training
-
-        return render_training(self.to_dict())
-
-
 def run_name(fingerprint: str, settings: Settings) -> str:
+    if settings.train.run_name:
+        return settings.train.run_name
+    # Neither the time budget nor the inference settings change the trained weights.
     recipe = settings.finetune.model_dump(mode="json", exclude={"time_budget_s", "flip_tta", "calibrate"})
-    key = json.dumps({"data": fingerprint, "finetune": recipe, "backbone": settings.backbone.model_dump(mode="json"),
-                      "face_size": settings.faces.size}, sort_keys=True)
-    return f"ferray-tune-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return runs.run_name("tune", {"data": fingerprint, "finetune": recipe, "face_size": settings.faces.size,
+                                  "backbone": settings.backbone.model_dump(mode="json")})
 
 
 def _fit(faces: dict[str, Faces], settings: Settings, name: str, checkpoints: str, storage: StorageSettings,
          epoch_hook: EpochHook | None) -> TrainState:
     import ray
-    import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
 
-    train = settings.train
     config = {
         "finetune": settings.finetune.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"),
+        "train": settings.train.model_dump(mode="json"),
         "backbone": backbone_settings(settings).model_dump(mode="json"),
         "face_size": settings.faces.size,
         # Object refs, so neither the faces nor the credentials land in Ray Train's saved run config.
@@ -267,30 +226,27 @@ def _fit(faces: dict[str, Faces], settings: Settings, name: str, checkpoints: st
         "faces": ray.put({k: faces[k] for k in ("train", "val")}),
         "epoch_hook": epoch_hook,
     }
-    run_config = _run_config(name, checkpoints, train, storage, legacy_keras=False)
-    resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1.0} if train.use_gpu else {})
-    trainer = TensorflowTrainer(
-        tune_worker, train_loop_config=config, run_config=run_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=train.use_gpu, resources_per_worker=resources),
-    )
-    with _report_interval(train.report_interval_s):
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"fine-tune run {name} reported no checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        return TrainState.load(folder)
+    return runs.fit(tune_worker, config, name, checkpoints, settings.train, storage, workers=1, legacy_keras=False)
 
 
 def _scores(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
-    from sklearn.metrics import accuracy_score, f1_score
+    from ferray.evaluate.command import classification_metrics
 
     if len(labels) == 0:
         return None, None
-    pred = probs.argmax(axis=1)
-    return float(accuracy_score(labels, pred)), float(f1_score(labels, pred, average="macro", labels=range(len(LABELS))))
+    metrics = classification_metrics(labels, probs, bins=10)
+    return metrics["accuracy"], metrics["macro_f1"]
 
 
-def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHook | None = None) -> TuneResult:
+def _budget_raised(done: TrainResult, recipe: FineTuneSettings) -> bool:
+    """A run its time budget stopped, rerun with a larger budget (or none), has epochs left to train."""
+    if done.stop_reason != "budget" or done.epochs_run >= recipe.epochs:
+        return False
+    before = (done.finetune or {}).get("time_budget_s")
+    return recipe.time_budget_s is None or (before is not None and recipe.time_budget_s > before)
+
+
+def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHook | None = None) -> TrainResult:
     """Fine-tune on SOURCE's aligned faces (train; select on val; report test) and write the artifact."""
     from ferray.model import artifact as artifacts
     from ferray.model.backbones import backbone_metadata, resolve_weights
@@ -303,18 +259,19 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     if train.workers != 1:
         raise InputError(f"fine-tuning runs on one worker (one GPU or the CPUs of one node), not {train.workers}: "
                          "set train.workers: 1")
-    storage = settings.storage.resolved()
+    storage = settings.storage
     started = time.perf_counter()
     faces, skipped, fingerprint = load_faces(source, storage, settings.faces.size, settings.backbone.channels)
     rows = {k: len(v.y) for k, v in faces.items()}
     if rows["train"] == 0:
         raise InputError(f"no labelled train rows in {source} (rows {rows}, skipped {skipped})")
-    name = train.run_name or run_name(fingerprint, settings)
-    if io.exists(io.join(model_out, METRICS_FILE), storage):
-        done = io.read_json(io.join(model_out, METRICS_FILE), storage)
-        if done.get("run_name") == name and io.exists(io.join(model_out, artifacts.META_FILE), storage):
-            log.info("fine-tune: %s already finished in %s; nothing to do", name, model_out)
-            return TuneResult(**done)
+    name = run_name(fingerprint, settings)
+    done = runs.finished(model_out, name, storage)
+    if done is not None and _budget_raised(done, recipe):
+        log.info("fine-tune: %s stopped on its time budget, now raised: training on from its checkpoint", name)
+    elif done is not None:
+        log.info("fine-tune: %s already finished in %s; nothing to do", name, model_out)
+        return done
     log.info("fine-tune: run %s, rows %s, skipped %s", name, rows, skipped)
     checkpoints = train.checkpoints or io.join(model_out, CHECKPOINTS)
 
@@ -338,13 +295,12 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     meta["inference"]["temperature"] = temperature
     (val_acc, val_f1), (test_acc, test_f1) = (_scores(apply_temperature(raw[k], temperature), faces[k].y)
                                               for k in ("val", "test"))
-    epoch_seconds = [r["seconds"] for r in state.history]
-    result = TuneResult(
+    result = TrainResult(
         model_out=model_out, run_name=name, checkpoints=io.join(checkpoints, name), rows=rows, skipped=skipped,
         epochs_run=state.epochs_done, best_epoch=state.best_epoch, starts=state.starts,
-        stopped_early=state.stopped_early, val_accuracy=val_acc, test_accuracy=test_acc, val_macro_f1=val_f1,
+        stopped_early=state.stopped_early, stop_reason=state.stop_reason, val_accuracy=val_acc, test_accuracy=test_acc, val_macro_f1=val_f1,
         test_macro_f1=test_f1, flip_tta=recipe.flip_tta, temperature=round(temperature, 4),
-        seconds=round(fit_seconds, 2), seconds_per_epoch=round(float(np.median(epoch_seconds)), 2) if epoch_seconds else 0.0,
+        seconds=round(fit_seconds, 2), seconds_per_epoch=runs.median_epoch_seconds(state),
         faces_per_s=round(faces_per_s / (2 if recipe.flip_tta else 1), 1),
         finetune=recipe.model_dump(mode="json"), data_fingerprint=fingerprint,
     )
@@ -353,10 +309,7 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     meta["training_dataset"] = artifacts.training_datasets(source, storage)
     _identify_backbone(meta, model)
     artifacts.save(model, meta, model_out, storage)
-    io.write_json(io.join(model_out, HISTORY_FILE), state.history, storage)
-    io.write_json(io.join(model_out, io.META, "train.json"), {"summary": result.to_dict(),
-                                                              "settings": settings.public_dict()}, storage)
-    io.write_json(io.join(model_out, METRICS_FILE), result.to_dict(), storage)
+    runs.write_run_files(model_out, state, result, settings, storage)
     log.info("fine-tune: best epoch %d, val %.4f, test %s (flip TTA %s, T %.3f), %.0f s", result.best_epoch,
              val_acc or float("nan"), test_acc, recipe.flip_tta, temperature, fit_seconds)
     return result

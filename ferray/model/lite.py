@@ -1,0 +1,201 @@
+"""The artifact as a LiteRT (TFLite) graph for annotation: exported once per model (keyed by the sha256 of
+`model.keras`), cached, and run by `ai-edge-litert`'s interpreter without importing TensorFlow."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ferray.config import StorageSettings
+from ferray.data import io
+from ferray.errors import ModelError
+from ferray.model.artifact import apply_inference
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["float32", "float16", "int8"]
+# int8 needs representative faces to calibrate its activations; the float graphs need nothing but the model.
+NEEDS_CALIBRATION: frozenset[str] = frozenset({"int8"})
+# Faces fed to the int8 calibrator: enough to fix activation ranges, few enough to convert in seconds.
+CALIBRATION_FACES = 500
+
+
+def model_sha256(model_uri: str, storage: StorageSettings) -> str:
+    """sha256 of `model.keras`: what a LiteRT graph is keyed by (a retrained model gets its own graph)."""
+    digest = hashlib.sha256()
+    with open(io.fetch_cached(model_uri, storage), "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lite_name(sha256: str, precision: Precision) -> str:
+    return f"model-{sha256[:16]}.{precision}.tflite"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.path.expanduser("~/.cache/ferray/lite"))
+
+
+def candidates(folder: str, sha256: str, precision: Precision, cache_dir: Path | None = None) -> list[str]:
+    """Where a model's graph may be, in order: beside the artifact (written by `export` when it can write
+    there), then this machine's cache. Never inside the package: the shipped model's folder may be
+    read-only, and a dev checkout would gain an 18 MB untracked file."""
+    from ferray.model.artifact import default_model_dir
+
+    name = lite_name(sha256, precision)
+    cached = str((cache_dir or default_cache_dir()) / name)
+    if Path(folder).resolve() == default_model_dir().resolve():
+        return [cached]
+    return [io.join(folder, name), cached]
+
+
+def find(folder: str, sha256: str, precision: Precision, storage: StorageSettings,
+         cache_dir: Path | None = None) -> str | None:
+    """The first existing graph of the model at this precision, or None."""
+    return next((uri for uri in candidates(folder, sha256, precision, cache_dir) if io.exists(uri, storage)), None)
+
+
+def convert(model: Any, precision: Precision, representative: np.ndarray | None = None) -> bytes:
+    """The Keras model as a LiteRT flatbuffer (float input and output at every precision).
+
+    Through a SavedModel: converting a tf.function over Keras 3 variables keeps them as resource
+    variables that the interpreter cannot read. `representative`: raw faces (N, s, s, c) for int8.
+    """
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.export(folder, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        if precision != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if precision == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif precision == "int8":
+            if representative is None or not len(representative):
+                raise ModelError("an int8 graph needs representative faces to calibrate (see `ferray.model.lite`)")
+            faces = np.ascontiguousarray(representative, np.float32)
+            converter.representative_dataset = lambda: ([faces[i : i + 1]] for i in range(len(faces)))
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return bytes(converter.convert())
+
+
+def export(model_uri: str, storage: StorageSettings, precision: Precision = "float32",
+           representative: np.ndarray | None = None, cache_dir: Path | None = None, force: bool = False) -> str:
+    """The model's graph at `precision`, converted unless one exists (reruns for any artifact: keyed by
+    sha256). Written beside the artifact when that folder takes it, else into this machine's cache."""
+    from ferray.model import artifact
+
+    folder = model_uri.rsplit("/", 1)[0] if model_uri.endswith(".keras") else model_uri
+    keras_uri = model_uri if model_uri.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
+    sha = model_sha256(keras_uri, storage)
+    found = None if force else find(folder, sha, precision, storage, cache_dir)
+    if found:
+        return found
+    loaded = artifact.load(model_uri, storage)
+    data = convert(loaded.model, precision, representative)
+    for uri in candidates(folder, sha, precision, cache_dir):
+        try:
+            if io.is_remote(uri):
+                io.write_bytes_atomic(uri, data, storage)
+            else:
+                _write_local(Path(uri), data)
+        except OSError as error:  # a read-only install: the next place
+            log.info("lite: cannot write %s (%s)", uri, error)
+            continue
+        log.info("lite: %s graph of %s (%d KiB) written to %s", precision, model_uri, len(data) // 1024, uri)
+        return uri
+    raise ModelError(f"nowhere to write the {precision} graph of {model_uri}: {candidates(folder, sha, precision, cache_dir)}")
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    # Written then renamed: actors exporting the same model at once each leave a whole file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class LiteModel:
+    """A LiteRT graph applied like Artifact.predict: the same flip TTA and temperature (apply_inference)."""
+
+    def __init__(self, uri: str, meta: dict[str, Any], storage: StorageSettings, threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.uri, self.meta = uri, meta
+        self.interpreter = Interpreter(model_path=io.fetch_cached(uri, storage), num_threads=max(1, threads))
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self._batch = -1
+
+    def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
+        """Probabilities for raw aligned faces (N, s, s, c)."""
+        return apply_inference(lambda x: self._raw(x, batch_size), faces, self.meta, flip_tta)
+
+    def _raw(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
+        parts = [self._invoke(np.ascontiguousarray(faces[i : i + batch_size], np.float32))
+                 for i in range(0, len(faces), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, int(self.output["shape"][-1])), np.float32)
+
+    def _invoke(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) != self._batch:  # re-planning the graph for a new batch size costs a few ms
+            self.interpreter.resize_tensor_input(self.input["index"], list(batch.shape))
+            self.interpreter.allocate_tensors()
+            self._batch = len(batch)
+        self.interpreter.set_tensor(self.input["index"], batch)
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_tensor(self.output["index"]), np.float32)
+
+
+def calibration_faces(source: str, storage: StorageSettings, split: str = "train",
+                      count: int = CALIBRATION_FACES) -> np.ndarray:
+    """Raw faces (N, s, s, c) for int8 calibration: the first `count` ok rows of `split` in aligned shards."""
+    import cv2
+    import pyarrow.compute as pc
+
+    from ferray.model.embed import decode_faces
+
+    chosen: list[bytes] = []
+    for uri in io.completed_shards(source, storage):
+        table = io.read_parquet(uri, storage, ["split", "status", "face"])
+        keep = pc.and_(pc.equal(table["split"], split), pc.equal(table["status"], "ok"))
+        chosen += [face for face in table["face"].filter(keep).to_pylist() if face][: count - len(chosen)]
+        if len(chosen) >= count:
+            break
+    if not chosen:
+        raise ModelError(f"no ok `{split}` faces under {source} to calibrate an int8 graph with")
+    pixels = cv2.imdecode(np.frombuffer(chosen[0], np.uint8), cv2.IMREAD_UNCHANGED)
+    size, channels = pixels.shape[0], 1 if pixels.ndim == 2 else pixels.shape[2]
+    return decode_faces(chosen, size, channels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ferray.model.lite MODEL [--precision P] [--calibration ALIGNED]`: export, print the path."""
+    import argparse
+
+    from ferray.config import load_settings
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model", help="model folder, `….keras`, registry name or `default`")
+    parser.add_argument("--precision", choices=["float32", "float16", "int8"], default="float32")
+    parser.add_argument("--calibration", help="aligned shards whose train faces calibrate int8")
+    parser.add_argument("--force", action="store_true", help="convert again even when a graph exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ferray.annotate.job import resolve_model
+
+    storage = load_settings().storage.resolved()
+    ref = resolve_model(args.model, storage)
+    faces = calibration_faces(args.calibration, storage) if args.calibration else None
+    print(export(ref.uri, storage, args.precision, faces, force=args.force))
+
+
+if __name__ == "__main__":
+    main()

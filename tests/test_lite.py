@@ -1,0 +1,68 @@
+"""The LiteRT classifier path (annotate.runtime=tflite): the exported graph's probabilities are the Keras
+model's, with the same flip TTA and temperature, and the graph is converted once per model."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferray.annotate.job import resolve_model, with_lite
+from ferray.config import StorageSettings, load_settings
+from ferray.model import artifact, lite
+from model_fixture import sample_faces
+
+STORAGE = StorageSettings()
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    cache = tmp_path_factory.mktemp("lite-cache")
+    return lite.export(str(model_dir), STORAGE, "float32", cache_dir=cache), cache
+
+
+def test_lite_probabilities_are_the_keras_models(model_dir: Path, exported: tuple[str, Path]) -> None:
+    """Raw, and with flip TTA and a temperature: both runtimes go through artifact.apply_inference."""
+    loaded = artifact.load(str(model_dir), STORAGE)
+    faces, _ = sample_faces()  # the 35 bundled FER-2013 faces
+    for flip, temperature in ((False, 1.0), (True, 1.5)):
+        meta = {**loaded.meta, "inference": {"flip_tta": flip, "temperature": temperature}}
+        expected = dataclasses.replace(loaded, meta=meta).predict(faces, batch_size=16)
+        got = lite.LiteModel(exported[0], meta, STORAGE).predict(faces, batch_size=16)
+        assert got.shape == expected.shape == (35, 7) and got.dtype == np.float32
+        assert (got.argmax(1) == expected.argmax(1)).all()
+        assert np.abs(got - expected).max() < 1e-4
+        np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+def test_the_graph_is_exported_once_per_model(model_dir: Path, exported: tuple[str, Path]) -> None:
+    uri, cache = exported
+    assert Path(uri).parent == model_dir, "written beside a writable artifact"
+    before = Path(uri).stat().st_mtime_ns
+    started = time.perf_counter()
+    assert lite.export(str(model_dir), STORAGE, "float32", cache_dir=cache) == uri
+    assert time.perf_counter() - started < 5 and Path(uri).stat().st_mtime_ns == before, "reused, not converted"
+    # The driver finds it, keyed by the sha256 of model.keras; a model without one leaves it to the labeller.
+    settings = load_settings(annotate={"runtime": "tflite"}).annotate
+    ref = with_lite(resolve_model(str(model_dir), STORAGE), settings, STORAGE)
+    assert ref.lite_uri == uri and uri.endswith(lite.lite_name(ref.sha256, "float32"))
+    assert with_lite(resolve_model(str(model_dir), STORAGE), settings.model_copy(update={"runtime": "keras"}),
+                     STORAGE).lite_uri is None
+
+
+def test_the_shipped_model_is_cached_outside_the_package() -> None:
+    folder = str(artifact.default_model_dir())
+    assert lite.candidates(folder, "ab" * 32, "float32", Path("/c")) == [f"/c/{lite.lite_name('ab' * 32, 'float32')}"]
+
+
+def test_an_int8_graph_must_be_exported_with_calibration_faces(model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in (artifact.MODEL_FILE, artifact.META_FILE):
+        (copy / name).write_bytes((model_dir / name).read_bytes())
+    settings = load_settings(annotate={"runtime": "tflite", "lite_precision": "int8"}).annotate
+    with pytest.raises(artifact.ModelError, match="--precision int8 --calibration"):
+        with_lite(resolve_model(str(copy), STORAGE), settings, STORAGE)
