@@ -234,7 +234,8 @@ def main() -> None:
     parser.add_argument("--equal-min-face", type=int, default=80, help="the minimum face width for both tools "
                         "in the equal-terms line (80: Dlib HOG's reach without upsampling)")
     parser.add_argument("--split-images", type=int, default=300, help="images timed on one thread for the split")
-    parser.add_argument("--work", help="work folder (default: a temp folder)")
+    parser.add_argument("--work", help="work folder (default: a temp folder); archives found there are reused")
+    parser.add_argument("--build-only", action="store_true", help="build the archives in WORK and stop")
     parser.add_argument("--fer-split", help=argparse.SUPPRESS)
     parser.add_argument("--fer-min-face", type=int, default=bench.FER_MIN_FACE, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,9 +256,18 @@ def main() -> None:
     for scale in sizes:
         archive = work / f"photos-{scale}.zip"
         started = time.perf_counter()
-        truths[scale] = build_photos(archive, faces, args.images * scale, seed=scale)
         count = args.images * scale
-        print(f"built {count} photos ({archive.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
+        # An archive of this size already in WORK is reused (build once, time later on a quiet machine).
+        known = work / f"photos-{scale}.truth.json"
+        if archive.exists() and known.exists() and len(json.loads(known.read_text())) == count:
+            truths[scale] = json.loads(known.read_text())
+            print(f"reusing {archive} ({count} photos)")
+        else:
+            truths[scale] = build_photos(archive, faces, count, seed=scale)
+            known.write_text(json.dumps(truths[scale]))
+            print(f"built {count} photos ({archive.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
+        if args.build_only:
+            continue
         for config in args.configs:
             result = bench.ferray_run(config_settings(config), Path(args.model), archive, work / f"out-{config.replace(':', '-')}-{scale}")
             found, accuracy = bench.ferray_accuracy(work / f"out-{config.replace(':', '-')}-{scale}", truths[scale], archive)
@@ -274,6 +284,8 @@ def main() -> None:
                 mine = runs[(config, scale)]
                 print(f"  ferray {config} / fer ×{scale}: images/s {mine['rate'] / fer['rate']:.2f}x, found "
                       f"{100 * (mine['found'] - fer['found']):+.1f} points, accuracy {100 * (mine['accuracy'] - fer['accuracy']):+.1f} points")
+    if args.build_only:
+        return
     if not args.no_scale:
         for config in args.configs:
             small, large = runs[(config, 1)], runs[(config, args.scale)]

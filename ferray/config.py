@@ -92,9 +92,10 @@ class IngestSettings(Section):
 class FacesSettings(Section):
     """Dlib detection and alignment (owned by ferray.faces)."""
 
-    # HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector, more poses, slow without CUDA.
-    # YuNet: libfacedetection's small CNN, more faces than HOG for less CPU (docs/benchmarks-annotate.md).
-    detector: str = "hog"  # a name in ferray.faces.DETECTORS
+    # A name in ferray.faces.DETECTORS. HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector,
+    # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. `auto`: each command's own
+    # choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's).
+    detector: str = "auto"
     # Each step doubles the image before detection: it halves the smallest face found and costs about
     # 4× the time; 48×48 FER-2013 faces need one (docs/settings.md).
     upsample: int = Field(default=1, ge=0, le=4)
@@ -136,9 +137,17 @@ class FacesSettings(Section):
     def _known_detector(cls, value: str) -> str:
         from ferray.faces import DETECTORS  # names only: ferray.faces does not import Dlib
 
-        if value not in DETECTORS:
-            raise ValueError(f"Input should be {' or '.join(repr(name) for name in DETECTORS)}")
+        if value != "auto" and value not in DETECTORS:
+            raise ValueError(f"Input should be {' or '.join(repr(name) for name in ('auto', *DETECTORS))}")
         return value
+
+    def for_command(self, command: Literal["align", "annotate"]) -> FacesSettings:
+        """These settings with `auto` replaced by the command's detector (what its fingerprints record)."""
+        from ferray.faces import AUTO_DETECTOR
+
+        if self.detector != "auto":
+            return self
+        return self.model_copy(update={"detector": AUTO_DETECTOR[command]})
 
 
 class BackboneSettings(Section):

@@ -67,7 +67,8 @@ def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSetti
 
 def face_settings(faces: FacesSettings, model: ModelRef) -> FacesSettings:
     """Faces as the model was trained on them; annotation keeps every face and never guesses one."""
-    return faces.model_copy(update={"size": model.face_size, "color": model.face_color, "fallback": "none", "keep": "all"})
+    return faces.for_command("annotate").model_copy(
+        update={"size": model.face_size, "color": model.face_color, "fallback": "none", "keep": "all"})
 
 
 def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -> str:

@@ -17,6 +17,11 @@ DETECTORS: dict[str, str] = {
     "yunet": "ferray.faces.yunet:load",
 }
 
+# `faces.detector: auto` (the default) is the detector each command measured best for its input:
+# the paper's HOG for `ferray align` on the datasets' face crops; for `ferray annotate` on photos and
+# video frames the one chosen by the annotation bench (docs/benchmarks-annotate.md).
+AUTO_DETECTOR: dict[str, str] = {"align": "hog", "annotate": "hog"}
+
 _EXPORTS: dict[str, str] = {
     "ferray.faces.models": "Fetch LANDMARK_MODEL_FILES MissingModelError bundled_models_dir resolve_model",
     "ferray.faces.detect": "Box Detector detect_faces detection_scale load_detector",
@@ -28,7 +33,7 @@ _EXPORTS: dict[str, str] = {
                           "align_images clip_bbox encode_png full_frame_face resize_bicubic too_small",
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
-__all__ = ["DETECTORS", *sorted(_WHERE)]
+__all__ = ["AUTO_DETECTOR", "DETECTORS", *sorted(_WHERE)]
 
 
 def __getattr__(name: str) -> Any:

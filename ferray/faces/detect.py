@@ -41,8 +41,10 @@ class Detector(Protocol):
 
 
 def load_detector(settings: FacesSettings, fetch: Fetch | None = None) -> Detector:
-    """The configured detector (`faces.detector`, one of ferray.faces.DETECTORS), model files through `fetch`."""
-    module, _, name = DETECTORS[settings.detector].partition(":")
+    """The configured detector (`faces.detector`, one of ferray.faces.DETECTORS), model files through `fetch`.
+
+    `auto` loads align's detector: commands resolve it first (`FacesSettings.for_command`)."""
+    module, _, name = DETECTORS[settings.for_command("align").detector].partition(":")
     loader: Callable[[FacesSettings, Fetch | None], Detector] = getattr(importlib.import_module(module), name)
     return loader(settings, fetch)
 

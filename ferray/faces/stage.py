@@ -79,8 +79,9 @@ def run(settings: Settings, source: str, out: str) -> Summary:
     storage = settings.storage
     io.check_reachable(source, storage, must_exist=True)
     io.check_reachable(out, storage, must_exist=False)
-    units = upstream_units(source, storage, {"stage": "align", **settings.faces.model_dump(mode="json")})
-    summary = executor.run(Align(settings.faces, storage), units, source, out, storage, settings.ray)
+    faces = settings.faces.for_command("align")
+    units = upstream_units(source, storage, {"stage": "align", **faces.model_dump(mode="json")})
+    summary = executor.run(Align(faces, storage), units, source, out, storage, settings.ray)
     # An empty input (an empty SOURCE upstream) has no faces to show, and OUT no shards to list.
     sheet = contact_sheet(out, storage) if summary.by_status.get("ok") else None
     if sheet is not None:
