@@ -66,7 +66,7 @@ def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import demo
 
-    return demo.run(settings, args.out)
+    return demo.run(settings, args.out, train=args.train)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,9 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     annotate.add_argument("--gpus", type=float, help="GPUs per classifying actor (annotate.num_gpus)")
     annotate.add_argument("--smooth-seconds", type=float, help="window of each face track's smoothed label "
                           "(annotate.smooth_seconds, default 2; 0 = off)")
+    annotate.add_argument("--overlays", action="store_true", default=None, help="also draw the pictures: "
+                          "boxes and labels on each image, a sheet per video, the faces (OUT/_overlays/)")
     annotate.set_defaults(handler=_cmd_annotate, overrides=lambda a: {"annotate": {
         "fps": a.fps, "every_nth": a.every_nth, "segment_seconds": a.segment_seconds, "num_gpus": a.gpus,
-        "smooth_seconds": a.smooth_seconds}})
+        "smooth_seconds": a.smooth_seconds, "overlays": a.overlays}})
 
     train = commands.add_parser("train", parents=[common], help="fit the head on embeddings with Ray Train; write the model")
     train.add_argument("input", metavar="IN", help="embedded shards (folder or s3:// prefix)")
@@ -154,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", parents=[common], help="run ferray on the bundled sample, locally")
     demo.add_argument("--out", default="ferray-demo", help="output folder (default: ./ferray-demo)")
+    demo.add_argument("--train", action="store_true", help="also run the training loop on 35 bundled faces "
+                      "(ingest -> align -> embed -> train -> evaluate; a few minutes)")
     demo.set_defaults(handler=_cmd_demo, overrides=lambda a: {})
     return parser
 

@@ -283,6 +283,11 @@ class AnnotateSettings(Placement):
     track_gap_seconds: float = Field(default=2.0, gt=0, le=3600)
     track_max_shift: float = Field(default=1.0, gt=0, le=100)
     smooth_seconds: float = Field(default=2.0, ge=0, le=3600)
+    overlays: bool = Field(default=False, description=(
+        "Write pictures of what was found under OUT/_overlays/: each image with its boxes, labels and "
+        "confidences (<image>.jpg, same size), each video as a contact sheet of up to 16 sampled frames "
+        "(<video>.png), and faces.png, a sheet of the run's faces. Drawn after the rows are written, for "
+        "inputs annotated afresh or without an overlay yet; never changes a row or the run key."))
 
 
 class HeadSettings(Section):

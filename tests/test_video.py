@@ -25,6 +25,7 @@ from ferray.config import AnnotateSettings, StorageSettings
 from ferray.annotate.media import MediaError, Probe
 from ferray.annotate.ledger import Ledger, ShardRecord
 from ferray.data.schema import LABELS, VIDEO_SUMMARY_SCHEMA
+from ferray.evaluate.report import CLASS_COLORS
 from test_faces import SAMPLES, canvas, load_face
 
 STORAGE = StorageSettings()
@@ -314,8 +315,14 @@ def test_summary_shares_time_between_expressions() -> None:
     assert sum(row[f"share_{n}"] for n in LABELS) + row["share_no_face"] == pytest.approx(1.0)
     assert video.summary_table(row).schema == VIDEO_SUMMARY_SCHEMA
     png = video.timeline_png("v.mp4", rows)
-    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    assert image.shape == (380, 1000, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 8
+    image = cv2.cvtColor(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert image.shape == (315, 900, 3)  # matplotlib, 10 × 3.5 in at 90 dpi: one lane (no tracks given)
+    colours = {tuple(c) for c in np.unique(image.reshape(-1, 3), axis=0)}
+    # The lane shows the largest face's labels (happy, sad) in the report's class colours, and the no-face gap.
+    for name in ("happy", "sad"):
+        hex_colour = CLASS_COLORS[LABELS.index(name)]
+        assert tuple(int(hex_colour[k : k + 2], 16) for k in (1, 3, 5)) in colours, name
+    assert (224, 224, 224) in colours
 
 
 def test_summary_of_an_unreadable_video() -> None:

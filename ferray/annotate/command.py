@@ -10,6 +10,7 @@ from ferray.annotate import plan
 from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
 from ferray.annotate.ledger import Ledger, ShardRecord, prune_replaced, read_ledger, remove_shard, remove_unmarked
 from ferray.annotate.media import media_type
+from ferray.annotate.overlays import write_overlays
 from ferray.annotate.stage import execute
 from ferray.annotate.summaries import write_video_summaries
 from ferray.config import Settings
@@ -64,6 +65,8 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
     fresh = frozenset(key[0] for record in written for key in record.units)
     videos = write_video_summaries(job, files, ledger.current + written, threads, fresh)
     summary.extra["video_summaries_written"] = videos
+    if settings.annotate.overlays:  # last: every row is written and marked, every video summarised
+        summary.extra.update(write_overlays(job, files, ledger.current + written, fresh))
     _finish(summary, files)
     summary.seconds = round(time.perf_counter() - started, 2)
     if written or videos or changed or ledger.others:

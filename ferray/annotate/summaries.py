@@ -77,11 +77,11 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
         source_path = mine["source_path"][0].as_py() if mine.num_rows else relpath
         timeline = io.join(job.out, TIMELINES, output_path(relpath, ".png"))
         summary = video.summarize(source_path, job.model.version, mine, timeline)
-        if summary["frames_sampled"]:
-            io.write_bytes_atomic(timeline, video.timeline_png(relpath, mine), job.storage)
         # Face tracks over the whole video (ferray.annotate.tracks): their summaries and timeline now, their
         # columns into the shards below, before any marker says the video is done.
         found = tracks.video_tracks(source_path, job.model.version, mine, job.settings)
+        if summary["frames_sampled"]:
+            io.write_bytes_atomic(timeline, video.timeline_png(relpath, mine, found), job.storage)
         summary.update(tracks.write_video(job.out, job.storage, relpath, found, summary["duration_s"]))
         track_columns.append(found.columns)
         io.write_parquet(video.summary_table(summary), io.join(job.out, VIDEOS, output_path(relpath, ".parquet")),

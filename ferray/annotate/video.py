@@ -10,7 +10,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import cv2
 import numpy as np
@@ -22,6 +22,9 @@ from ferray.config import AnnotateSettings
 from ferray.data import io
 from ferray.data.schema import LABELS, STATUS_OK, VIDEO_SUMMARY_SCHEMA, status
 from ferray.faces.align import NO_FACE
+
+if TYPE_CHECKING:
+    from ferray.annotate.tracks import VideoTracks
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +238,43 @@ def summary_table(row: dict[str, Any]) -> pa.Table:
     return pa.Table.from_pylist([row], schema=VIDEO_SUMMARY_SCHEMA)
 
 
-# BGR colours per class, chosen to stay apart on white.
-COLORS: tuple[tuple[int, int, int], ...] = (
-    (40, 40, 220), (40, 140, 40), (160, 60, 160), (0, 190, 250), (200, 110, 30), (200, 200, 0), (130, 130, 130))
+def _no_face_spans(sampled: list[float], faces: set[float], step: float) -> list[tuple[float, float]]:
+    """(start, length) of the runs of sampled frames without a face, each sample standing for one step."""
+    spans: list[tuple[float, float]] = []
+    for t in sampled:
+        if t in faces:
+            continue
+        if spans and abs(spans[-1][0] + spans[-1][1] - t) < step / 2:
+            spans[-1] = (spans[-1][0], spans[-1][1] + step)
+        else:
+            spans.append((t, step))
+    return spans
 
 
-def timeline_png(title: str, rows: pa.Table, width: int = 1000, height: int = 380) -> bytes:
-    """Expression probabilities of the largest face over time, a band of its label, gaps with no face."""
+def _label_runs(times: np.ndarray, labels: np.ndarray, step: float) -> dict[int, list[tuple[float, float]]]:
+    """Label → (start, length) bars: one bar per run of samples with one label (a long video is a few
+    hundred bars, not one per sample); a gap of more than one step between samples stays empty."""
+    order = np.argsort(times, kind="stable")
+    times, labels = np.asarray(times, np.float64)[order], np.asarray(labels)[order]
+    bars: dict[int, list[tuple[float, float]]] = {}
+    start = 0
+    for k in range(1, len(times) + 1):
+        if k == len(times) or labels[k] != labels[start] or times[k] - times[k - 1] > step * 1.5:
+            bars.setdefault(int(labels[start]), []).append((float(times[start]), float(times[k - 1] - times[start] + step)))
+            start = k
+    return bars
+
+
+def timeline_png(title: str, rows: pa.Table, found: VideoTracks | None = None) -> bytes:
+    """A video at a glance (matplotlib): above, one lane per face track (`found`, a tracks.VideoTracks)
+    coloured by its label at each sample; below, the class probabilities of the largest face over time;
+    grey where a sampled frame had no face. Without tracks the one lane is the largest face's label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from ferray.evaluate.report import CLASS_COLORS
+
     table = rows.to_pydict()
     points = sorted(
         (table["timestamp_s"][i], table["probs"][i])
@@ -249,53 +282,55 @@ def timeline_png(title: str, rows: pa.Table, width: int = 1000, height: int = 38
         if row_status == STATUS_OK and table["face_index"][i] == 0 and table["timestamp_s"][i] is not None
     )
     sampled = sorted({t for t, s in zip(table["timestamp_s"], table["status"]) if t is not None and s in (STATUS_OK, NO_FACE)})
-    left, right, top, band, bottom = 60, 150, 40, 16, 40
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    plot_w, plot_h = width - left - right, height - top - band - 8 - bottom
-    y0 = top + band + 8
     step = float(np.median(np.diff(sampled))) if len(sampled) > 1 else 1.0
     end = (sampled[-1] if sampled else 0.0) + step  # the last sample stands for one step of time
-
-    def x_of(t: float) -> int:
-        return left + int(round(plot_w * t / end))
-
-    def y_of(p: float) -> int:
-        return y0 + int(round(plot_h * (1.0 - p)))
-
-    cv2.rectangle(canvas, (left, y0), (left + plot_w, y0 + plot_h), (200, 200, 200), 1)
-    for p in (0.25, 0.5, 0.75):
-        cv2.line(canvas, (left, y_of(p)), (left + plot_w, y_of(p)), (235, 235, 235), 1)
-        cv2.putText(canvas, f"{p:.2f}", (8, y_of(p) + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (90, 90, 90), 1, cv2.LINE_AA)
     faces = dict(points)
-    for t in sampled:  # the label band: grey where the frame had no face
-        probs = faces.get(t)
-        colour = COLORS[int(np.argmax(probs))] if probs is not None else (225, 225, 225)
-        cv2.rectangle(canvas, (x_of(t), top), (max(x_of(t) + 1, x_of(t + step) - 1), top + band), colour, -1)
-    for label, colour in enumerate(COLORS):
-        run: list[tuple[int, int]] = []
+    if found is not None and found.count:
+        shown = found.labels if found.smoothed is None else found.smoothed
+        lanes = [(f"track {s['track_id']}", found.times[found.track_ids == s["track_id"]],
+                  shown[found.track_ids == s["track_id"]]) for s in found.summaries]
+    else:
+        lanes = [("largest face", np.array([t for t, _ in points]),
+                  np.array([int(np.argmax(p)) for _, p in points], np.int64))]
+    height = 3.2 + 0.3 * len(lanes)
+    figure = Figure(figsize=(10, height))
+    FigureCanvasAgg(figure)
+    band_h = 0.3 * len(lanes) + 0.35
+    # A fixed layout (no tight bounding box: that draws the figure twice).
+    axes_band, axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [band_h, 2.2], "hspace": 0.08})
+    figure.subplots_adjust(left=0.1, right=0.84, bottom=0.5 / height, top=1 - 0.45 / height)
+    gaps = _no_face_spans(sampled, set(faces), step)
+    for lane, (_, times, labels) in enumerate(lanes):
+        y = len(lanes) - 1 - lane
+        for label, bars in _label_runs(times, labels, step).items():
+            axes_band.broken_barh(bars, (y - 0.4, 0.8), facecolors=CLASS_COLORS[label], edgecolor="none")
+        axes_band.broken_barh(gaps, (y - 0.4, 0.8), facecolors="#e0e0e0", edgecolor="none")
+    axes_band.set_yticks(range(len(lanes)), [name for name, _, _ in reversed(lanes)], fontsize=8)
+    axes_band.set_ylim(-0.6, len(lanes) - 0.4)
+    axes_band.tick_params(axis="x", bottom=False)
+    kind = f", labels smoothed over {found.window:g} s" if found is not None and found.smoothed is not None else ""
+    axes_band.set_title(f"{title[-80:]}: {len(sampled)} sampled frames{kind}", fontsize=9)
+    for label, colour in enumerate(CLASS_COLORS):
+        run: list[tuple[float, float]] = []
         for t in sampled + [math.inf]:  # a frame without a face breaks the line
             probs = faces.get(t)
             if probs is None:
-                if len(run) > 1:
-                    cv2.polylines(canvas, [np.array(run, np.int32)], False, colour, 2, cv2.LINE_AA)
-                elif run:
-                    cv2.circle(canvas, run[0], 2, colour, -1)
+                if run:
+                    xs, ys = zip(*run)
+                    axes.plot(xs, ys, color=colour, linewidth=1.8, marker="o" if len(run) == 1 else None, markersize=3)
                 run = []
             else:
-                run.append((x_of(t), y_of(float(probs[label]))))
-        cv2.putText(canvas, LABELS[label], (width - right + 30, y0 + 16 + 22 * label), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                    colour, 1, cv2.LINE_AA)
-        cv2.line(canvas, (width - right + 8, y0 + 11 + 22 * label), (width - right + 24, y0 + 11 + 22 * label), colour, 3)
-    cv2.putText(canvas, "no face", (width - right + 30, y0 + 16 + 22 * len(LABELS)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                (150, 150, 150), 1, cv2.LINE_AA)
-    cv2.line(canvas, (width - right + 8, y0 + 11 + 22 * len(LABELS)), (width - right + 24, y0 + 11 + 22 * len(LABELS)),
-             (225, 225, 225), 3)
-    for fraction in (0.0, 0.5, 1.0):
-        t = end * fraction
-        cv2.putText(canvas, f"{t:.1f} s", (x_of(t) - 16, y0 + plot_h + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (90, 90, 90), 1,
-                    cv2.LINE_AA)
-    cv2.putText(canvas, title[-90:], (left, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (30, 30, 30), 1, cv2.LINE_AA)
-    ok, png = cv2.imencode(".png", canvas)
-    if not ok:
-        raise RuntimeError("PNG encoding of a timeline failed")
-    return png.tobytes()
+                run.append((t + step / 2, float(probs[label])))  # drawn mid-sample, like the bars above
+    for start, length in gaps:
+        axes.axvspan(start, start + length, color="#f0f0f0", zorder=0)
+    axes.set_ylim(0, 1)
+    axes.set_xlim(0, end)
+    axes.set_ylabel("largest face: p(class)", fontsize=8)
+    axes.set_xlabel("seconds", fontsize=8)
+    axes.grid(axis="y", color="#e6e6e6", linewidth=0.8)
+    axes.tick_params(labelsize=8)
+    handles = [Patch(color=c, label=name) for name, c in zip(LABELS, CLASS_COLORS)] + [Patch(color="#e0e0e0", label="no face")]
+    axes_band.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    buffer = pyio.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
