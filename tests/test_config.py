@@ -68,7 +68,8 @@ def test_aws_environment_resolves_and_secrets_are_masked(monkeypatch: pytest.Mon
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     settings = load_settings()
-    storage = settings.storage.resolved()
+    # Resolved once, by load_settings: the stages use settings.storage as it is.
+    storage = settings.storage
     assert storage.endpoint_url == "http://s3-specific:2"
     assert storage.region == "eu-west-1"
     assert storage.secret_access_key is not None
@@ -91,3 +92,16 @@ def test_every_experiment_config_is_valid(path: Path) -> None:
     """The configs the README points at (the shipped model's recipe among them) load as written."""
     settings = load_settings(path)
     assert settings.pipeline.train is not None and settings.pipeline.workdir
+
+
+def test_auto_detector_is_each_commands_own_and_an_explicit_one_wins() -> None:
+    from ferray.faces import AUTO_DETECTOR
+
+    faces = load_settings().faces
+    assert faces.detector == "auto"
+    assert faces.for_command("align").detector == "hog"  # the paper's, for the datasets' face crops
+    assert faces.for_command("annotate").detector == AUTO_DETECTOR["annotate"]
+    chosen = load_settings(faces={"detector": "mmod"}).faces
+    assert chosen.for_command("align").detector == chosen.for_command("annotate").detector == "mmod"
+    with pytest.raises(ConfigError, match="'auto' or 'hog'"):
+        load_settings(faces={"detector": "haar"})
