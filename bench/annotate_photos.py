@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--split-images", type=int, default=300, help="images timed on one thread for the split")
     parser.add_argument("--work", help="work folder (default: a temp folder); archives found there are reused")
     parser.add_argument("--build-only", action="store_true", help="build the archives in WORK and stop")
+    parser.add_argument("--split-only", action="store_true", help="only the per-image CPU split, on WORK's N archive")
     parser.add_argument("--fer-split", help=argparse.SUPPRESS)
     parser.add_argument("--fer-min-face", type=int, default=bench.FER_MIN_FACE, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,7 +267,7 @@ def main() -> None:
             truths[scale] = build_photos(archive, faces, count, seed=scale)
             known.write_text(json.dumps(truths[scale]))
             print(f"built {count} photos ({archive.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
-        if args.build_only:
+        if args.build_only or args.split_only:
             continue
         for config in args.configs:
             result = bench.ferray_run(config_settings(config), Path(args.model), archive, work / f"out-{config.replace(':', '-')}-{scale}")
@@ -286,7 +287,7 @@ def main() -> None:
                       f"{100 * (mine['found'] - fer['found']):+.1f} points, accuracy {100 * (mine['accuracy'] - fer['accuracy']):+.1f} points")
     if args.build_only:
         return
-    if not args.no_scale:
+    if not args.no_scale and not args.split_only:
         for config in args.configs:
             small, large = runs[(config, 1)], runs[(config, args.scale)]
             print(f"peak memory ferray {config} N → {args.scale}N: RSS {bench._mib(small['rss'])} → {bench._mib(large['rss'])} "
