@@ -32,7 +32,7 @@ from ferray.annotate.ledger import ShardRecord, read_shard_rows, unit_relpath
 from ferray.annotate.media import MediaError, media_type, output_path
 from ferray.data import io
 from ferray.data.images import DecodeError, open_checked, to_array
-from ferray.data.schema import LABELS, MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK
+from ferray.data.schema import LABELS, MEDIA_IMAGE, STATUS_OK
 from ferray.evaluate.report import CLASS_COLORS
 from ferray.faces.align import NO_FACE
 

@@ -282,9 +282,11 @@ def fill_shards(out: str, storage: StorageSettings, shards: list[str], columns: 
 # --------------------------------------------------------------------------- the timeline
 
 
-def _runs(times: np.ndarray, labels: np.ndarray, step: float) -> dict[int, list[tuple[float, float]]]:
-    """Label → (start, length) bars over time-ordered samples: a run of one label is one bar; a gap
-    of more than one step between samples is left empty."""
+def label_runs(times: np.ndarray, labels: np.ndarray, step: float) -> dict[int, list[tuple[float, float]]]:
+    """Label → (start, length) bars: one bar per run of samples with one label (a long video is a few
+    hundred bars, not one per sample); a gap of more than one step between samples stays empty."""
+    order = np.argsort(times, kind="stable")
+    times, labels = np.asarray(times, np.float64)[order], np.asarray(labels)[order]
     bars: dict[int, list[tuple[float, float]]] = {}
     start = 0
     for k in range(1, len(times) + 1):
@@ -319,7 +321,7 @@ def timeline_png(title: str, tracks: VideoTracks, duration: float | None = None)
         y = lanes - 1 - lane
         strips = [(shown, y - 0.22, 0.5)] + ([(tracks.labels, y - 0.36, 0.1)] if tracks.smoothed is not None else [])
         for labels, low, thick in strips:
-            for label, bars in _runs(tracks.times[rows], labels[rows], step).items():
+            for label, bars in label_runs(tracks.times[rows], labels[rows], step).items():
                 axes.broken_barh(bars, (low, thick), facecolors=CLASS_COLORS[label], edgecolor="none")
     axes.set_yticks(range(lanes), [f"track {s['track_id']}: {s['seconds_on_screen']:.1f} s, {s['dominant_label_name']}"
                                    for s in reversed(tracks.summaries)] or [""], fontsize=8)

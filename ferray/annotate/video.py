@@ -18,6 +18,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from ferray.annotate.media import MediaError, Probe, open_member, sampled_frames
+from ferray.annotate.tracks import label_runs
 from ferray.config import AnnotateSettings
 from ferray.data import io
 from ferray.data.schema import LABELS, STATUS_OK, VIDEO_SUMMARY_SCHEMA, status
@@ -251,20 +252,6 @@ def _no_face_spans(sampled: list[float], faces: set[float], step: float) -> list
     return spans
 
 
-def _label_runs(times: np.ndarray, labels: np.ndarray, step: float) -> dict[int, list[tuple[float, float]]]:
-    """Label → (start, length) bars: one bar per run of samples with one label (a long video is a few
-    hundred bars, not one per sample); a gap of more than one step between samples stays empty."""
-    order = np.argsort(times, kind="stable")
-    times, labels = np.asarray(times, np.float64)[order], np.asarray(labels)[order]
-    bars: dict[int, list[tuple[float, float]]] = {}
-    start = 0
-    for k in range(1, len(times) + 1):
-        if k == len(times) or labels[k] != labels[start] or times[k] - times[k - 1] > step * 1.5:
-            bars.setdefault(int(labels[start]), []).append((float(times[start]), float(times[k - 1] - times[start] + step)))
-            start = k
-    return bars
-
-
 def timeline_png(title: str, rows: pa.Table, found: VideoTracks | None = None) -> bytes:
     """A video at a glance (matplotlib): above, one lane per face track (`found`, a tracks.VideoTracks)
     coloured by its label at each sample; below, the class probabilities of the largest face over time;
@@ -302,7 +289,7 @@ def timeline_png(title: str, rows: pa.Table, found: VideoTracks | None = None) -
     gaps = _no_face_spans(sampled, set(faces), step)
     for lane, (_, times, labels) in enumerate(lanes):
         y = len(lanes) - 1 - lane
-        for label, bars in _label_runs(times, labels, step).items():
+        for label, bars in label_runs(times, labels, step).items():
             axes_band.broken_barh(bars, (y - 0.4, 0.8), facecolors=CLASS_COLORS[label], edgecolor="none")
         axes_band.broken_barh(gaps, (y - 0.4, 0.8), facecolors="#e0e0e0", edgecolor="none")
     axes_band.set_yticks(range(len(lanes)), [name for name, _, _ in reversed(lanes)], fontsize=8)
