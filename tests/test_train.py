@@ -84,6 +84,7 @@ def test_one_worker_trains_from_s3_to_s3_and_a_rerun_does_nothing(ray_session, s
     assert again == result
 
 
+@pytest.mark.slow
 def test_two_workers_survive_a_killed_worker_and_resume(ray_session, tmp_path: Path, settings) -> None:
     source = _write_shards(embedded_table(), str(tmp_path / "embedded"), settings.storage)
     killed = tmp_path / "rank1-killed"

@@ -76,6 +76,7 @@ def finetuned(aligned: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[A
     return settings, out, tune.run(settings, aligned, out, epoch_hook=kill_once), killed
 
 
+@pytest.mark.slow
 def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(
         aligned: str, finetuned: tuple[Any, str, Any, Path], tmp_path: Path) -> None:
     settings, out, result, killed = finetuned
@@ -112,6 +113,7 @@ def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(
     assert again.starts == result.starts and again.seconds == result.seconds
 
 
+@pytest.mark.slow
 def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(
         aligned: str, finetuned: tuple[Any, str, Any, Path], tmp_path: Path) -> None:
     """MixUp/CutMix, square-root class weights and EMA on the backbone of an earlier run; the artifact
