@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +27,9 @@ CALIBRATION_FACES = 500
 
 def model_sha256(model_uri: str, storage: StorageSettings) -> str:
     """sha256 of `model.keras`: what a LiteRT graph is keyed by (a retrained model gets its own graph)."""
-    digest = hashlib.sha256()
-    with open(io.fetch_cached(model_uri, storage), "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from ferray.model.backbones import file_sha256
+
+    return file_sha256(io.fetch_cached(model_uri, storage))
 
 
 def lite_name(sha256: str, precision: Precision) -> str:
@@ -103,24 +99,14 @@ def export(model_uri: str, storage: StorageSettings, precision: Precision = "flo
     data = convert(loaded.model, precision, representative)
     for uri in candidates(folder, sha, precision, cache_dir):
         try:
-            if io.is_remote(uri):
-                io.write_bytes_atomic(uri, data, storage)
-            else:
-                _write_local(Path(uri), data)
+            # Written then renamed: actors exporting the same model at once each leave a whole file.
+            io.write_bytes_atomic(uri, data, storage)
         except OSError as error:  # a read-only install: the next place
             log.info("lite: cannot write %s (%s)", uri, error)
             continue
         log.info("lite: %s graph of %s (%d KiB) written to %s", precision, model_uri, len(data) // 1024, uri)
         return uri
     raise ModelError(f"nowhere to write the {precision} graph of {model_uri}: {candidates(folder, sha, precision, cache_dir)}")
-
-
-def _write_local(path: Path, data: bytes) -> None:
-    # Written then renamed: actors exporting the same model at once each leave a whole file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 class LiteModel:
