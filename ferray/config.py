@@ -103,7 +103,7 @@ class FacesSettings(Section):
 
     # A name in ferray.faces.DETECTORS. HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector,
     # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. `auto`: each command's own
-    # choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's).
+    # choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's; annotate: yunet).
     detector: str = "auto"
     # Each step doubles the image before detection: it halves the smallest face found and multiplies
     # the detection time; 48×48 face crops need one (figures: docs/settings.md).
@@ -255,7 +255,7 @@ class AnnotateSettings(Placement):
     # without TensorFlow in the actors: half the CPU a face, seconds less start-up. float32 gives
     # Keras's probabilities to ~1e-5; float16 halves the file; int8 needs calibration faces and, on CPUs
     # without VNNI, is hardly faster (figures: docs/benchmarks-annotate.md).
-    runtime: Literal["keras", "tflite"] = "keras"
+    runtime: Literal["keras", "tflite"] = "tflite"
     lite_precision: Literal["float32", "float16", "int8"] = "float32"
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
     # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:

@@ -289,7 +289,7 @@ def test_upsampling_is_spent_on_small_images_only(policy: str, tmp_path: Path) -
     big = cv2.resize(face, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_CUBIC)
     picture = np.full((240, 320), 128, np.uint8)
     picture[20 : 20 + big.shape[0], 20 : 20 + big.shape[1]] = big
-    finder = _finder(tmp_path, upsample=policy)
+    finder = _finder(tmp_path, {"detector": "hog"}, upsample=policy)
     found = [[row["status"] for row in finder.aligned_rows(image, {}, "x", None, None)] for image in (face, picture)]
     assert found == ([["ok"], ["align:no_face"]] if policy == "auto" else [["ok"], ["ok"]])
 
@@ -340,7 +340,7 @@ def test_a_minimum_face_width_detects_on_a_smaller_copy(tmp_path: Path) -> None:
     blank = np.full((150, 150), 90, np.uint8)
     found, shapes = {}, {}
     for min_face in (192, 0):
-        finder = _finder(tmp_path, faces={"min_face_px": min_face})
+        finder = _finder(tmp_path, faces={"min_face_px": min_face, "detector": "hog"})
         finder.detector = recording = Recording(finder.detector)
         found[min_face] = finder.aligned_rows(frame, {}, "x", None, None)
         assert [r["status"] for r in finder.aligned_rows(blank, {}, "y", None, None)] == ["align:no_face"]

@@ -5,7 +5,8 @@ Run once with the code to compare against first on the path (the golden files ho
     git worktree add /tmp/refmain 5d20467
     cd /tmp && PYTHONPATH=/tmp/refmain:/path/to/ferray/tests python /path/to/ferray/tests/data/build_golden.py
 (run outside the checkout, so that `ferray` is the reference's). Annotation uses the shipped `default`
-model; if it changes, copy the new ferray/assets/default-model/ into the reference tree first.
+model; if it changes, copy the new ferray/assets/default-model/ into the reference tree first. The reference
+predates `annotate.runtime` (Keras was its only runtime): drop that line of tests/golden.py's ANNOTATE_CONFIG there.
 """
 
 from __future__ import annotations
