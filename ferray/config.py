@@ -193,6 +193,18 @@ class BackboneSettings(Placement):
         # Environment variables arrive as text, and a Literal of ints refuses "3".
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
+    @field_validator("weights")
+    @classmethod
+    def _local_weights_absolute(cls, value: str) -> str:
+        # Ray workers start in another directory: a relative path must mean what it meant here.
+        from ferray.model import ARTIFACT_PREFIX
+
+        prefix = ARTIFACT_PREFIX if value.startswith(ARTIFACT_PREFIX) else ""
+        target = value.removeprefix(prefix)
+        if value in ("imagenet", "none") or "://" in target or Path(target).expanduser().is_absolute():
+            return value
+        return prefix + str(Path(target).resolve())
+
 
 class EvaluateSettings(Section):
     """`ferray evaluate` and calibration (owned by ferray.evaluate): split, path, plots, bins."""

@@ -3,6 +3,8 @@
 # An artifact folder's two files (SPEC: Model artifact); every module that reads or writes one uses these.
 MODEL_FILE = "model.keras"
 META_FILE = "ferray.json"
+# `backbone.weights: artifact:MODEL` reuses the backbone of a ferray model.
+ARTIFACT_PREFIX = "artifact:"
 
 # backbone.name -> "module:row" (a ferray.model.backbones.Backbone). A new backbone is one module with its
 # row and one line here; ferray.config validates `backbone.name` against these names.

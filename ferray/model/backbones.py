@@ -17,13 +17,12 @@ import keras
 
 from ferray.config import BackboneSettings
 from ferray.errors import FerrayError
-from ferray.model import BACKBONES, META_FILE, MODEL_FILE
+from ferray.model import ARTIFACT_PREFIX, BACKBONES, META_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
 # The layer name a ferray model artifact gives its backbone, so a later run can take it back out.
 BACKBONE_LAYER = "backbone"
-ARTIFACT_PREFIX = "artifact:"
 METADATA_FILE = META_FILE
 
 # Turns an `s3://…` (or other) URI into a local file path; supplied by the caller (ferray.data.io).
