@@ -291,7 +291,7 @@ def fer_cpu(site: str, archive: Path, min_face: int = FER_MIN_FACE) -> float:
 def ferray_cpu(settings: Settings, model: Path, archive: Path) -> tuple[float, float]:
     """CPU milliseconds per image of one ferray actor's work (decode + detect + align; classify),
     in this process after a warm-up, with TensorFlow on one thread as in an actor."""
-    from ferray.annotate.ledger import Ledger
+    from ferray.executor.ledger import Ledger
 
     storage = settings.storage.resolved()
     ref = resolve_model(str(model), storage)

@@ -34,10 +34,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from ferray import annotate
-from ferray.annotate.ledger import read_shard_rows
+from ferray.executor.ledger import read_rows
 from ferray.data import io
 from ferray.config import Settings, load_settings
-from ferray.annotate.ledger import marked_shards
+from ferray.executor.ledger import marked_shards
 
 import proctree  # bench/proctree.py, beside this script
 
@@ -142,7 +142,7 @@ def conservation(out: str, members: list[str], settings: Settings) -> Check:
         stats = io.read_json(sink.stats_uri(shard), storage)
         placed.update(unit[0] for unit in stats["units"])
         stated.update(stats["by_status"])
-        tables.append(read_shard_rows(out, storage, shard, ["id", "unit", "status"]))
+        tables.append(read_rows(out, storage, shard, ["id", "unit", "status"]))
     rows = pa.concat_tables(tables) if tables else pa.table({"id": [], "unit": [], "status": []})
     statuses = Counter(rows["status"].to_pylist())
     problems = []

@@ -39,7 +39,7 @@ import pyarrow as pa
 from ferray.annotate import tracks
 from ferray.annotate.detect import FaceFinder
 from ferray.annotate.job import Job, ModelRef, face_settings
-from ferray.annotate.ledger import marked_shards
+from ferray.executor.ledger import marked_shards
 from ferray import annotate
 from ferray.data import io
 from ferray.config import StorageSettings, load_settings

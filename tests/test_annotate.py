@@ -239,7 +239,7 @@ def test_grouped_alignment_gives_the_rows_of_one_at_a_time(media_root: tuple[Pat
     """Frames aligned in groups (detection over the group before landmarks; `annotate.align_group`) give
     the same draft rows, in the same order, as one frame at a time: over images, video frames, bad
     files and faceless pictures, with groups that straddle units."""
-    from ferray.annotate.ledger import Ledger
+    from ferray.executor.ledger import Ledger
 
     root, expected = media_root
     drafts = {}

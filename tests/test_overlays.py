@@ -16,7 +16,7 @@ from PIL import Image
 from ferray import annotate
 from ferray.annotate import overlays
 from ferray.annotate.job import Job, face_settings, resolve_model, run_key
-from ferray.annotate.ledger import read_ledger
+from ferray.executor.ledger import read as read_ledger
 from ferray.config import StorageSettings, load_settings
 from ferray.data import io
 from ferray.evaluate.report import CLASS_COLORS
@@ -158,7 +158,7 @@ def test_a_picture_that_cannot_be_drawn_is_counted_not_fatal(runs: dict[str, Any
     files = io.Tree(str(copy), storage).files()
     gone = next(iter(expected.canvases))
     (copy / gone).unlink()
-    counts = overlays.write_overlays(job, files, read_ledger(str(out), storage), frozenset())
+    counts = overlays.write_overlays(job, files, read_ledger(str(out), storage, "annotate"), frozenset())
     drawable = set(expected.canvases) | {expected.two_faces, expected.no_face} | set(expected.videos)
     assert counts == {"overlays_written": len(drawable) - 1, "overlays_failed": 1}
     assert not (out / "_overlays" / f"{gone}.jpg").exists() and (out / "_overlays" / "faces.png").exists()

@@ -23,7 +23,8 @@ from ferray.annotate import media, video
 from ferray.data import io
 from ferray.config import AnnotateSettings, StorageSettings
 from ferray.annotate.media import MediaError, Probe
-from ferray.annotate.ledger import Ledger, ShardRecord
+from ferray.annotate.ledger import Coverage, replaced
+from ferray.executor.ledger import Ledger, ShardRecord
 from ferray.data.schema import LABELS, VIDEO_SUMMARY_SCHEMA
 from ferray.evaluate.report import CLASS_COLORS
 from test_faces import SAMPLES, canvas, load_face
@@ -211,13 +212,14 @@ def test_packing_is_restartable() -> None:
 def test_ledger_covers_a_video_only_when_every_segment_is_done() -> None:
     record = ShardRecord("part-0", "k", (("v.mp4", 5, 0, 3), ("v.mp4", 5, 2, 3), ("a.jpg", 1, 0, 1)), {})
     ledger = Ledger([record], "k")
-    assert ledger.covers(io.TreeFile("a.jpg", "a.jpg", 1))
-    assert not ledger.covers(io.TreeFile("a.jpg", "a.jpg", 2))  # replaced: another size
-    assert not ledger.covers(io.TreeFile("v.mp4", "v.mp4", 5))
+    covered = Coverage(ledger)
+    assert covered(io.TreeFile("a.jpg", "a.jpg", 1))
+    assert not covered(io.TreeFile("a.jpg", "a.jpg", 2))  # replaced: another size
+    assert not covered(io.TreeFile("v.mp4", "v.mp4", 5))
     done = Ledger([record, ShardRecord("part-1", "k", (("v.mp4", 5, 1, 3),), {})], "k")
-    assert done.covers(io.TreeFile("v.mp4", "v.mp4", 5))
-    assert not Ledger([record], "other-model").covers(io.TreeFile("a.jpg", "a.jpg", 1))
-    assert [r.shard for r in ledger.stale({"a.jpg": 2})] == ["part-0"]
+    assert Coverage(done)(io.TreeFile("v.mp4", "v.mp4", 5))
+    assert not Coverage(Ledger([record], "other-model"))(io.TreeFile("a.jpg", "a.jpg", 1))
+    assert [r.shard for r in ledger.holding(replaced({"a.jpg": 2}))] == ["part-0"]
 
 
 # --------------------------------------------------------------------------- OpenCV reading

@@ -5,20 +5,50 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
-from ferray.annotate import plan
+from ferray.annotate import plan, stage
 from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
-from ferray.annotate.ledger import Ledger, ShardRecord, prune_replaced, read_ledger, remove_shard, remove_unmarked
-from ferray.annotate.media import media_type
+from ferray.annotate.ledger import prune_replaced, replaced
+from ferray.annotate.media import Unit, media_type
 from ferray.annotate.overlays import write_overlays
-from ferray.annotate.stage import execute
 from ferray.annotate.summaries import write_video_summaries
-from ferray.config import Settings
+from ferray.config import RaySettings, Settings
 from ferray.data import io
-from ferray.executor import Summary
+from ferray.executor import Pools, ShardUnit, Stage, Summary
+from ferray.executor import ledger as ledgers
+from ferray.executor.ledger import Ledger
 from ferray.model import artifact
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnnotateRun:
+    """Annotate as a ledgered stage of the executor: what is done, what changed, what is left."""
+
+    job: Job
+    tree: io.Tree
+    files: list[io.TreeFile]
+    ray_settings: RaySettings
+    name: str = "annotate"
+
+    @property
+    def run_key(self) -> str:
+        return self.job.run_key
+
+    def prune(self, ledger: Ledger) -> int:
+        listing = {f.relpath: f.size for f in self.files if f.relpath is not None}
+        stale = ledger.holding(replaced(listing))
+        for record in stale:
+            prune_replaced(self.job, record, listing)
+        return len(stale)
+
+    def todo(self, ledger: Ledger) -> list[Unit]:
+        return plan.plan_units(self.tree, self.files, ledger, self.job.settings)
+
+    def shards(self, todo: list[Unit]) -> tuple[Stage, list[ShardUnit], Pools]:
+        return stage.shards(self.job, todo, len(self.files), self.ray_settings)
 
 
 def run(settings: Settings, model: str, source: str, out: str) -> Summary:
@@ -34,42 +64,21 @@ def run(settings: Settings, model: str, source: str, out: str) -> Summary:
 
     tree = io.Tree(source, storage)
     files = plan.inputs(tree, out, storage)  # looked up on the module: tests wrap it
-    changed = remove_unmarked(out, storage) > 0
-    ledger = Ledger(read_ledger(out, storage, threads), job.run_key)
-    replaced = ledger.stale({f.relpath: f.size for f in files if f.relpath is not None})
-    for record in replaced:
-        prune_replaced(job, record, {f.relpath: f.size for f in files if f.relpath is not None})
-    if replaced:
-        changed = True
-        ledger = Ledger(read_ledger(out, storage, threads), job.run_key)
-    units = plan.plan_units(tree, files, ledger, settings.annotate)
-    tree.close()
-
-    summary = Summary(stage="annotate", source=source, out=out)
-    for record in ledger.current:
-        summary.add(record.stats)
-    summary.shards_skipped = len(ledger.current)
-    log.info("annotate: %d files, %d units to do, %d shards already done (model %s)",
-             len(files), len(units), summary.shards_skipped, ref.version)
-    written: list[ShardRecord] = []
-    if units:
-        for stats in execute(job, units, len(files), settings.ray):
-            summary.add(stats)
-            written.append(ShardRecord(stats["shard"], job.run_key, tuple(tuple(u) for u in stats["units"]), stats))  # type: ignore[misc]
-        summary.shards_written = len(written)
-    if settings.annotate.supersede and ledger.others:
-        for record in ledger.others:
-            remove_shard(out, storage, record.shard)
-        summary.extra["shards_superseded"] = len(ledger.others)
-        log.info("annotate: removed %d shards of earlier models or settings", len(ledger.others))
-    fresh = frozenset(key[0] for record in written for key in record.units)
-    videos = write_video_summaries(job, files, ledger.current + written, threads, fresh)
+    log.info("annotate: %d files (model %s)", len(files), ref.version)
+    try:
+        done = ledgers.run(AnnotateRun(job, tree, files, settings.ray), source, out, storage, settings.ray,
+                           supersede=settings.annotate.supersede, threads=threads)
+    finally:
+        tree.close()
+    summary = done.summary
+    fresh = frozenset(key[0] for record in done.written for key in record.units)
+    videos = write_video_summaries(job, files, done.finished, threads, fresh)
     summary.extra["video_summaries_written"] = videos
     if settings.annotate.overlays:  # last: every row is written and marked, every video summarised
-        summary.extra.update(write_overlays(job, files, ledger.current + written, fresh))
+        summary.extra.update(write_overlays(job, files, done.finished, fresh))
     _finish(summary, files)
     summary.seconds = round(time.perf_counter() - started, 2)
-    if written or videos or changed or ledger.others:
+    if done.written or videos or done.changed:
         io.write_json(io.join(out, io.META, "annotate.json"),
                       {"model": model, "model_uri": artifact.public_uri(ref.uri), "model_version": ref.version, "run_key": job.run_key,
                        "summary": summary.to_dict(), "settings": settings.public_dict()}, storage)

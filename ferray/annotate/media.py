@@ -7,13 +7,13 @@ import json
 import logging
 import math
 import posixpath
-import re
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Iterator
 
 from ferray.config import AnnotateSettings
 from ferray.data import io
 from ferray.data.schema import MEDIA_IMAGE, MEDIA_VIDEO, STATUS_OK, status
+from ferray.executor.ledger import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,6 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm"})
 UNSUPPORTED = status("media", "unsupported")
 UNSAFE = status("media", "unsafe_path")
 EMPTY_VIDEO = status("video", "empty")
-# Shard names are content hashes; only names of this shape are ever cleaned up or superseded.
-SHARD_NAME = re.compile(r"^part-[0-9a-f]{16}$")
-
 UnitKey = tuple[str, int, int, int]  # relpath, size, segment, segments
 
 
@@ -210,4 +207,4 @@ def shard_identity(run_key: str, units: list[Unit]) -> tuple[str, str]:
     digest = hashlib.sha256(run_key.encode())
     digest.update(json.dumps([unit.key for unit in units]).encode())
     fingerprint = digest.hexdigest()
-    return f"part-{fingerprint[:16]}", fingerprint
+    return shard_name(fingerprint), fingerprint

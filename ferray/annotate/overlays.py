@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ferray.annotate import video
 from ferray.annotate.job import Job
-from ferray.annotate.ledger import ShardRecord, read_shard_rows, unit_relpath
+from ferray.annotate.ledger import unit_relpath
+from ferray.executor.ledger import ShardRecord, read_rows
 from ferray.annotate.media import MediaError, media_type, output_path
 from ferray.data import io
 from ferray.data.images import DecodeError, open_checked, to_array
@@ -264,7 +265,7 @@ def write_overlays(job: Job, files: list[io.TreeFile], records: list[ShardRecord
     needed = sorted({shard for file, _ in todo for shard in shards[file.relpath]})  # type: ignore[index]
     threads = job.settings.probe_threads
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        tables = list(pool.map(lambda s: read_shard_rows(job.out, job.storage, s, list(COLUMNS)), needed))
+        tables = list(pool.map(lambda s: read_rows(job.out, job.storage, s, list(COLUMNS)), needed))
     rows = pa.concat_tables(tables)
     rows = rows.filter(pc.is_in(rows["status"], pa.array([STATUS_OK, NO_FACE])))
     by_input: dict[str, list[dict[str, Any]]] = {}

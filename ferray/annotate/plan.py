@@ -6,11 +6,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from ferray.annotate import video
-from ferray.annotate.ledger import Ledger
+from ferray.annotate.ledger import Coverage
 from ferray.annotate.media import MediaError, Probe, Unit, file_unit, media_type, video_units
 from ferray.config import AnnotateSettings, StorageSettings
 from ferray.data import io
 from ferray.data.schema import MEDIA_VIDEO
+from ferray.executor.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def probe_videos(tree: io.Tree, files: list[io.TreeFile], settings: AnnotateSett
 
 def plan_units(tree: io.Tree, files: list[io.TreeFile], ledger: Ledger, settings: AnnotateSettings) -> list[Unit]:
     """Units of every file not fully annotated yet, minus segments already done, in path order."""
-    todo = [f for f in files if not ledger.covers(f)]
+    covered = Coverage(ledger)
+    todo = [f for f in files if not covered(f)]
     videos = [f for f in todo if f.relpath and media_type(f.relpath) == MEDIA_VIDEO and f.size > 0]
     probes = probe_videos(tree, videos, settings)
     units: list[Unit] = []
@@ -37,7 +39,7 @@ def plan_units(tree: io.Tree, files: list[io.TreeFile], ledger: Ledger, settings
             units += video_units(file, probes.get(file.member), settings)
         else:
             units.append(file_unit(file))
-    return sorted((u for u in units if not ledger.done(u)), key=lambda u: (u.relpath, u.segment))
+    return sorted((u for u in units if not ledger.done(u.key)), key=lambda u: (u.relpath, u.segment))
 
 
 def inputs(tree: io.Tree, out: str, storage: StorageSettings) -> list[io.TreeFile]:

@@ -6,7 +6,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,7 +19,8 @@ from ferray.annotate.media import Unit, UnitKey, for_actors, pack, shard_identit
 from ferray.config import AnnotateSettings
 from ferray.data.schema import ANNOTATION_SCHEMA, LABELS, STATUS_OK
 from ferray.errors import InputError
-from ferray.executor import Part, Resources, ShardUnit, Stage, shard_stats
+from ferray.executor import Part, Pools, Resources, ShardUnit, Stage, shard_stats
+from ferray.executor.ledger import entry
 from ferray.faces.align import NO_FACE
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,12 @@ def annotation_stats(shard: str, table: pa.Table, units: list[Unit] | tuple[Unit
     }
     stats = shard_stats(shard, table, extra)
     mix = Counter(table["label_name"].filter(ok).to_pylist())
+    stats.update(entry(job_key, keys))
     stats.update({
-        "run_key": job_key,
         "model_version": version,
         "no_face_rate": no_face / len(framed) if framed else None,
         "mean_confidence": confidence / faces if faces else None,
         "class_mix": {name: mix[name] / faces for name in LABELS} if faces else {},
-        "units": [list(key) for key in keys],
     })
     return stats
 
@@ -142,18 +142,17 @@ def plan_actors(settings: AnnotateSettings, cpus: int, gpus: float) -> Actors:
     return Actors(pools, cpus, max(1, math.ceil(cpus / settings.label_every)), 0.0)
 
 
-def execute(job: Job, units: list[Unit], listed: int, ray_settings: Any) -> Iterator[dict[str, Any]]:
-    """Pack the units (of a SOURCE listing `listed` files) into shards sized for the cluster's actors and
-    run them on the executor; yields each shard's stats as it is written."""
+def shards(job: Job, units: list[Unit], listed: int, ray_settings: Any) -> tuple[AnnotateStage, list[ShardUnit], Pools]:
+    """The stage and the shards the units (of a SOURCE listing `listed` files) pack into, sized for
+    the cluster's actors (Ray starts here, to count them)."""
     from ferray.runtime import ensure_ray
 
     ensure_ray(ray_settings)
     cpus, gpus = executor.cluster()
     actors = plan_actors(job.settings, cpus, gpus)
     stage = AnnotateStage(job, actors)
-    shards = pack(units, for_actors(listed, job.settings, actors.detect))
-    items = [executor.item(stage, ShardUnit(*shard_identity(job.run_key, shard), shard)) for shard in shards]
-    log.info("annotate: %d units in %d shards on %s", len(units), len(items),
-             f"{min(len(items), actors.detect)} fused actors" if actors.pools == "fused" else
-             f"{min(len(items), actors.detect)} detect actors and {min(len(items), actors.label)} classify actors")
-    yield from executor.execute(stage, items, job.out, job.storage, ray_settings, pools=actors.pools)  # type: ignore[arg-type]
+    packed = pack(units, for_actors(listed, job.settings, actors.detect))
+    log.info("annotate: %d units in %d shards on %s", len(units), len(packed),
+             f"{min(len(packed), actors.detect)} fused actors" if actors.pools == "fused" else
+             f"{min(len(packed), actors.detect)} detect actors and {min(len(packed), actors.label)} classify actors")
+    return stage, [ShardUnit(*shard_identity(job.run_key, shard), shard) for shard in packed], actors.pools  # type: ignore[return-value]

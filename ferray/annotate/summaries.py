@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 
 from ferray.annotate import tracks, video
 from ferray.annotate.job import Job
-from ferray.annotate.ledger import Ledger, ShardRecord, read_shard_rows, unit_relpath
+from ferray.annotate.ledger import Coverage, unit_relpath
+from ferray.executor.ledger import Ledger, ShardRecord, read_rows
 from ferray.annotate.media import media_type, output_path
 from ferray.config import AnnotateSettings
 from ferray.data import io
@@ -47,10 +48,10 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
             if media_type(relpath) == MEDIA_VIDEO:
                 where[(relpath, size)].append(key)
                 shards_of[relpath].add(record.shard)
-    ledger = Ledger(records, job.run_key)
+    covered = Coverage(Ledger(records, job.run_key))
     wanted = {}
     for file in files:
-        if file.relpath and media_type(file.relpath) == MEDIA_VIDEO and ledger.covers(file):
+        if file.relpath and media_type(file.relpath) == MEDIA_VIDEO and covered(file):
             units = where[(file.relpath, file.size)]
             wanted[file.relpath] = (file, _video_key(file.relpath, units, job.run_key, job.settings))
 
@@ -67,7 +68,7 @@ def write_video_summaries(job: Job, files: list[io.TreeFile], records: list[Shar
     columns = ["unit", "source_path", "media_type", *tracks.COLUMNS]
     needed = sorted({shard for relpath, _ in todo for shard in shards_of[relpath]})
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        tables = list(pool.map(lambda s: read_shard_rows(job.out, job.storage, s, columns), needed))
+        tables = list(pool.map(lambda s: read_rows(job.out, job.storage, s, columns), needed))
     everything = pa.concat_tables(tables)
     rows = everything.filter(pc.equal(everything["media_type"], MEDIA_VIDEO))
     relpaths = np.array([unit_relpath(u, MEDIA_VIDEO) for u in rows["unit"].to_pylist()], dtype=object)
