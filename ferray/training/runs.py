@@ -94,11 +94,14 @@ class TrainState:
         """Training seconds over every start of the run (the time budget counts these)."""
         return sum(row["seconds"] for row in self.history)
 
-    def record(self, row: dict[str, float], best_weights: Callable[[], list[np.ndarray]]) -> bool:
+    def record(self, row: dict[str, float], best_weights: Callable[[], list[np.ndarray]], choose: bool = True) -> bool:
         """Append an epoch's row; keep `best_weights()` when its val accuracy is the best so far (or
-        when there is no val to choose on). True when this epoch is the new best."""
+        when there is no val to choose on). True when this epoch is the new best. `choose=False` (a
+        worker that does not see val) only records the row."""
         self.history.append(row)
         self.epochs_done = int(row["epoch"])
+        if not choose:
+            return False
         score = row.get("val_accuracy")
         better = score is None or score > self.best_val_accuracy
         if better:

@@ -231,11 +231,7 @@ def train_worker(config: dict[str, Any]) -> None:
             row |= {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "accuracy")}
             row |= _val_metrics(self.model, x_val, y_val)
             row["seconds"] = round(time.perf_counter() - self.started, 3)
-            if rank == 0:
-                state.record(row, self.model.get_weights)
-            else:  # only rank 0 chooses (it alone sees val) and checkpoints
-                state.history.append(row)
-                state.epochs_done = epoch + 1
+            state.record(row, self.model.get_weights, choose=rank == 0)  # rank 0 alone sees val and checkpoints
             if train.patience:
                 # Every worker must stop at the same step or allreduce hangs: rank 0 decides for all.
                 stop = epoch + 1 - state.best_epoch >= train.patience if rank == 0 else False
