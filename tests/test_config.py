@@ -105,3 +105,18 @@ def test_auto_detector_is_each_commands_own_and_an_explicit_one_wins() -> None:
     assert chosen.for_command("align").detector == chosen.for_command("annotate").detector == "mmod"
     with pytest.raises(ConfigError, match="'auto' or 'hog'"):
         load_settings(faces={"detector": "haar"})
+
+
+def test_relative_local_weights_mean_the_same_file_from_any_working_directory(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray workers start in another directory: a relative `backbone.weights` is made absolute where the
+    settings are read; URIs, absolute paths and the named sources are left as written."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("backbone:\n  weights: artifact:models/parent\n")
+    assert load_settings(config).backbone.weights == f"artifact:{tmp_path / 'models' / 'parent'}"
+    monkeypatch.setenv("FERRAY_BACKBONE__WEIGHTS", "weights/lite0.npz")
+    assert load_settings().backbone.weights == str(tmp_path / "weights" / "lite0.npz")
+    for kept in ("imagenet", "none", "s3://bucket/model", "artifact:s3://bucket/model", "artifact:/abs/model"):
+        monkeypatch.setenv("FERRAY_BACKBONE__WEIGHTS", kept)
+        assert load_settings().backbone.weights == kept
