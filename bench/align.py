@@ -38,7 +38,7 @@ def single_loop(images: list[bytes], settings) -> tuple[float, int]:
     started = time.perf_counter()
     for data in images:
         try:
-            image = to_array(open_checked(data, settings.faces.max_file_bytes, settings.faces.max_image_pixels), settings.faces.color)
+            image = to_array(open_checked(data, settings.faces.limits), settings.faces.color)
         except DecodeError:
             continue
         result = faces.align_image(image, detector, predictor, settings.faces, max_faces=1)

@@ -136,7 +136,7 @@ def ferray_split(settings: Any, model: str, archive: Path, truth: dict[str, str]
         times = dict.fromkeys(times, 0.0)
         for name in names:
             t0 = time.process_time()
-            image = to_array(open_checked(tree.read(name), faces.max_file_bytes, faces.max_image_pixels), faces.color)
+            image = to_array(open_checked(tree.read(name), faces.limits), faces.color)
             t1 = time.process_time()
             rects = [r for r in detect_faces(image, finder.detector, first.upsample, cap, reach, first.min_face_px)
                      if min(r.width(), r.height()) >= first.min_face_px]

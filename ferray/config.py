@@ -84,13 +84,20 @@ class RaySettings(Section):
     progress_bars: bool = True
 
 
+class ImageLimits(Section):
+    """Guards checked before an image's pixels are decoded (ferray.data.images.open_checked): a file or
+    image over either is a `decode:too_large` row, never a worker's memory."""
+
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=100_000_000, ge=1)
+
+
 class IngestSettings(Section):
     """Dataset ingest: shard size, file guards and the carved validation split."""
 
     shard_rows: int = Field(default=4096, ge=1, le=1_000_000)
-    max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
-    # Larger images are refused as `decode:too_large` before their pixels are decoded.
-    max_image_pixels: int = Field(default=100_000_000, ge=1)
+    # Files and images over these are `decode:too_large` rows, refused before their pixels are decoded.
+    limits: ImageLimits = ImageLimits()
     # Datasets whose official release has train/test only (RAF-DB) get `val` carved from train.
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 0
@@ -131,9 +138,8 @@ class FacesSettings(Section):
     # this wide is at that reach, and HOG's cost falls with the pixels (min_face_px 160 on 1080p video: a
     # quarter of the work; faces narrower than it, found or not, are not wanted anyway).
     min_face_px: int = Field(default=0, ge=0)
-    max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     # Detection upsamples the image, so the pixel guard is tighter than ingest's.
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    limits: ImageLimits = ImageLimits(max_image_pixels=40_000_000)
 
     @field_validator("landmarks", mode="before")
     @classmethod

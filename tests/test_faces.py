@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ferray import faces
-from ferray.config import FacesSettings
+from ferray.config import FacesSettings, ImageLimits
 from ferray.faces import AlignStage, MissingModelError
 from ferray.data.schema import ALIGN_FIELDS, BBOX, FACE, FACE_SOURCE, FACES_FOUND
 
@@ -312,7 +312,7 @@ def test_undecodable_bytes_become_a_decode_status(stage: AlignStage, data: bytes
 
 def test_oversized_image_refused_before_decoding() -> None:
     image, _ = canvas(load_face(SAMPLES[0]), random.Random(2))
-    out = AlignStage(FacesSettings(max_image_pixels=1000))(batch([{"image": encode(Image.fromarray(image))}]))
+    out = AlignStage(FacesSettings(limits=ImageLimits(max_image_pixels=1000)))(batch([{"image": encode(Image.fromarray(image))}]))
     assert out["status"][0] == "decode:too_large"
 
 

@@ -97,10 +97,9 @@ def bounds(info: FieldInfo) -> str:
     return ", ".join(found)
 
 
-def default_text(info: FieldInfo) -> str:
+def default_text(info: FieldInfo, value: Any) -> str:
     if info.is_required():
         return "required"
-    value = info.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "—"
     if isinstance(value, str) and value == "":
@@ -120,10 +119,14 @@ def measurements() -> dict[str, str]:
     return found
 
 
-def section_rows(prefix: str, cls: type[BaseModel], measured: dict[str, str]) -> list[str]:
+def section_rows(prefix: str, cls: type[BaseModel], measured: dict[str, str], defaults: BaseModel | None = None) -> list[str]:
+    """A section's rows; `defaults`: the instance a parent section defaults to (a nested sub-model's
+    defaults may differ from its class's, e.g. faces.limits)."""
     notes = comments_above(cls)
     rows = []
     for name, info in cls.model_fields.items():
+        value = getattr(defaults, name) if defaults is not None else (
+            None if info.is_required() else info.get_default(call_default_factory=True))
         annotation = info.annotation
         nested = next((a for a in (annotation, *typing.get_args(annotation))
                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
@@ -135,9 +138,9 @@ def section_rows(prefix: str, cls: type[BaseModel], measured: dict[str, str]) ->
             text += f" *Measured:* {measured[key]}"
         limits = bounds(info)
         kind = type_name(annotation) + (f" ({limits})" if limits else "")
-        rows.append(f"| `{key}` | {kind} | {default_text(info)} | {text} |")
+        rows.append(f"| `{key}` | {kind} | {default_text(info, value)} | {text} |")
         if nested is not None:
-            rows += section_rows(key, nested, measured)
+            rows += section_rows(key, nested, measured, value if isinstance(value, BaseModel) else None)
     return rows
 
 

@@ -103,14 +103,14 @@ class FaceFinder:
         return {**base, "id": row_id(unit.name, None, None), "status": row_status, "error": error}
 
     def _image_rows(self, unit: Unit, base: dict[str, Any]) -> list[list[dict[str, Any]]]:
-        if unit.size > self.faces.max_file_bytes:  # refused before its bytes are fetched
-            raise DecodeError("too_large", f"{unit.size} bytes > limit {self.faces.max_file_bytes}")
+        if unit.size > self.faces.limits.max_file_bytes:  # refused before its bytes are fetched
+            raise DecodeError("too_large", f"{unit.size} bytes > limit {self.faces.limits.max_file_bytes}")
         assert unit.member is not None
         try:
             data = self.tree.read(unit.member)
         except io.READ_ERRORS as error:
             raise MediaError("read", *io.read_failure(error)) from None
-        image = to_array(open_checked(data, self.faces.max_file_bytes, self.faces.max_image_pixels), self.faces.color)
+        image = to_array(open_checked(data, self.faces.limits), self.faces.color)
         return [self._frame_rows(image, base, unit.relpath, None, None)]
 
     def _video_rows(self, unit: Unit, base: dict[str, Any], counters: Counter[str]) -> list[list[dict[str, Any]]]:
@@ -122,8 +122,8 @@ class FaceFinder:
             reader = video.SegmentReader(cap, unit.start, unit.end, sample_step(fps, self.settings))
             for frame_index, frame in reader:
                 height, width = frame.shape[:2]
-                if height * width > self.faces.max_image_pixels:
-                    raise DecodeError("too_large", f"{width}x{height} frames > limit {self.faces.max_image_pixels} pixels")
+                if height * width > self.faces.limits.max_image_pixels:
+                    raise DecodeError("too_large", f"{width}x{height} frames > limit {self.faces.limits.max_image_pixels} pixels")
                 pixels = video.to_pixels(frame, self.faces.color)
                 rows.append(self._frame_rows(pixels, base, unit.relpath, frame_index, frame_index / fps))
         counters["video_seconds"] += reader.seconds(fps)

@@ -170,7 +170,7 @@ def _boxes(rows: list[dict[str, Any]]) -> list[Box]:
 def draw_image(job: Job, tree: io.Tree, file: io.TreeFile, rows: list[dict[str, Any]]) -> Drawn:
     """OUT/_overlays/<image>.jpg: the image as detection saw it (EXIF turned), same size, with its boxes."""
     data = tree.read(file.member)
-    picture = Image.fromarray(to_array(open_checked(data, job.faces.max_file_bytes, job.faces.max_image_pixels), "rgb"))
+    picture = Image.fromarray(to_array(open_checked(data, job.faces.limits), "rgb"))
     boxes = _boxes(rows)
     drawn = draw_boxes(picture, boxes) if boxes else no_face(picture)
     uri = io.join(job.out, OVERLAYS, image_overlay_path(file.relpath or file.member))

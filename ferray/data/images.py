@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ferray.config import ImageLimits
 from ferray.data.schema import status
 
 # PIL's own bomb guard warns or raises at a fixed size; ferray checks its configured limit itself.
@@ -34,8 +35,9 @@ class DecodeError(ValueError):
         return status("decode", self.reason)
 
 
-def open_checked(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+def open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
     """Open and fully load an image, refusing empty, oversized, non-image and truncated input."""
+    max_bytes, max_pixels = limits.max_file_bytes, limits.max_image_pixels
     if not data:
         raise DecodeError("empty", "zero-byte file")
     if len(data) > max_bytes:
@@ -82,8 +84,3 @@ def to_array(image: Image.Image, color: str) -> np.ndarray:
         image = Image.alpha_composite(background, rgba)
     target = "L" if color == "gray" else "RGB"
     return np.asarray(image.convert(target), dtype=np.uint8)
-
-
-def decode(data: bytes, max_bytes: int, max_pixels: int, color: str = "rgb") -> np.ndarray:
-    """Bytes to a uint8 array (H×W grey or H×W×3 RGB), or DecodeError."""
-    return to_array(open_checked(data, max_bytes, max_pixels), color)

@@ -37,15 +37,15 @@ def _read_entry(entry: Entry, tree: io.Tree, settings: IngestSettings) -> tuple[
         except ValueError as error:
             return None, BAD_PIXELS, str(error)
     assert entry.member is not None
-    if entry.size > settings.max_file_bytes:
-        return None, status("decode", "too_large"), f"{entry.size} bytes > limit {settings.max_file_bytes}"
+    if entry.size > settings.limits.max_file_bytes:
+        return None, status("decode", "too_large"), f"{entry.size} bytes > limit {settings.limits.max_file_bytes}"
     try:
         data = tree.read(entry.member)
     except io.READ_ERRORS as error:
         reason, message = io.read_failure(error)
         return None, status("read", reason), message
     try:
-        open_checked(data, settings.max_file_bytes, settings.max_image_pixels)
+        open_checked(data, settings.limits)
     except DecodeError as error:
         # Keep the bytes of a rejected file (within the size limit) so the quarantine can be inspected.
         return data, error.status, str(error)

@@ -250,7 +250,7 @@ class AlignStage:
             return [_Row(status=row_status, passed=True)]
         settings = self.settings
         try:
-            opened = open_checked(data or b"", settings.max_file_bytes, settings.max_image_pixels)
+            opened = open_checked(data or b"", settings.limits)
             image = to_array(opened, settings.color)
         except DecodeError as error:
             return [_Row(status=error.status, error=str(error))]
