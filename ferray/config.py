@@ -409,6 +409,11 @@ class FineTuneSettings(Section):
     # Momentum of an exponential moving average of the weights, used for validation and kept as the
     # result (0 = off; 0.999 averages over about the last thousand steps).
     ema: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Knowledge distillation: each training target becomes (1 - distill) x its one-hot label + distill x
+    # the mean probabilities (each with its own TTA and temperature) that these ferray models (`default`,
+    # folders, registries, s3:// URIs) give its un-augmented face, computed once before training.
+    teachers: list[str] = Field(default_factory=list)
+    distill: float = Field(default=0.0, ge=0.0, le=1.0)
     # Stop after this many epochs without a better val accuracy; 0 = run every epoch.
     patience: int = Field(default=0, ge=0)
     # Stop after the epoch that would cross this wall-clock budget (the schedule is not rescaled).
@@ -429,9 +434,11 @@ class FineTuneSettings(Section):
         return value
 
     @model_validator(mode="after")
-    def _blocks_exist(self) -> FineTuneSettings:
+    def _consistent(self) -> FineTuneSettings:
         if isinstance(self.unfreeze, int) and not 0 <= self.unfreeze <= 16:
             raise ValueError(f"unfreeze {self.unfreeze}: EfficientNet has 16 blocks (0..16, or 'all')")
+        if bool(self.teachers) != (self.distill > 0):
+            raise ValueError("distillation needs both finetune.teachers and finetune.distill > 0")
         return self
 
     @property

@@ -16,7 +16,7 @@ from ferray.training import finetune, tune
 from ferray.model import artifact as artifacts
 from ferray.model.backbones import BACKBONE_LAYER, build_backbone
 from ferray.cli import main
-from ferray.config import BackboneSettings, ConfigError, load_settings
+from ferray.config import BackboneSettings, ConfigError, StorageSettings, load_settings
 from ferray.demo import sample_path
 
 # Small and quick: the point is the wiring, not the accuracy (bench/finetune.py and the shipped
@@ -116,14 +116,16 @@ def test_fine_tune_resumes_after_a_killed_worker_and_ships_a_reusable_backbone(
 @pytest.mark.slow
 def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(
         aligned: str, finetuned: tuple[Any, str, Any, Path], tmp_path: Path) -> None:
-    """MixUp/CutMix, square-root class weights and EMA on the backbone of an earlier run; the artifact
-    names that parent by fingerprint and the experiment file by name, never by a machine path. A run
-    stopped mid-way and rerun with its budget lowered finishes at once with its best epoch so far."""
+    """MixUp/CutMix, square-root class weights, EMA and distillation from the earlier run on its backbone;
+    the artifact names that parent by fingerprint, its teacher by version and the experiment file by name,
+    never by a machine path. A run stopped mid-way and rerun with its budget lowered finishes at once
+    with its best epoch so far."""
     first = finetuned[1]
     parent = json.loads((Path(first) / artifacts.META_FILE).read_text())
     config = tmp_path / "second-cycle.yaml"
     config.write_text(f"backbone: {{weights: 'artifact:{first}'}}\n"
-                      "finetune: {unfreeze: all, mixup: 0.2, cutmix: 1.0, mix_prob: 1.0, ema: 0.9, class_weight: sqrt}\n")
+                      "finetune: {unfreeze: all, mixup: 0.2, cutmix: 1.0, mix_prob: 1.0, ema: 0.9, class_weight: sqrt,\n"
+                      f"           teachers: ['{first}'], distill: 0.5}}\n")
     recipe = {"unfreeze": "all", **QUICK, "epochs": 3}
     settings = load_settings(config, ray={"progress_bars": False}, finetune=recipe, train={"max_failures": 0})
     assert settings.finetune.ema == 0.9 and settings.config_file == "second-cycle.yaml"
@@ -153,6 +155,7 @@ def test_a_second_cycle_names_its_parent_by_fingerprint_and_its_experiment(
     assert meta["backbone"]["parent"]["fingerprint"] == parent["backbone"]["fingerprint"]
     assert meta["backbone"]["weights_source"] == f"fine-tuned from artifact:{parent['backbone']['fingerprint']}"
     assert result.finetune["cutmix"] == 1.0 and result.stop_reason == "budget"
+    assert meta["metrics"]["finetune"]["teachers"] == [artifacts.version_of(first, parent)]
 
     # Rerun with the budget raised (none): the run trains on from its checkpoint to its last epoch.
     raised = tune.run(settings, aligned, second)
@@ -181,3 +184,36 @@ def test_mixing_keeps_labels_in_the_share_of_pixels_kept() -> None:
     weights = class_weights([4, 3, 0, 0, 0, 0, 0], "sqrt")
     assert weights[1] > weights[0] and float(weights[:2] @ [4, 3]) == pytest.approx(7.0)
     assert set(np.round(sw, 5)) <= set(np.round(weights[:2], 5))
+
+
+def test_distillation_targets_blend_the_label_with_the_teachers() -> None:
+    """With teachers, a face's target is (1 - distill) x its one-hot label + distill x the teachers' mean
+    probabilities (then mixed like any label); the two settings only come together."""
+    from ferray.config import FineTuneSettings
+
+    with pytest.raises(ConfigError, match="teachers"):
+        load_settings(finetune={"unfreeze": "all", "distill": 0.5})
+    with pytest.raises(ConfigError, match="teachers"):
+        load_settings(finetune={"unfreeze": "all", "teachers": ["default"]})
+    soft = np.random.default_rng(1).dirichlet(np.ones(7), size=5).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 6])
+    recipe = FineTuneSettings(unfreeze="all", batch_size=5, teachers=["default"], distill=0.25, mix_prob=0.0, seed=3)
+    batches = finetune.MixedBatches(np.zeros((5, 48, 48, 1), np.uint8), labels, recipe, 7, soft=soft)
+    _, targets, _ = batches[0]
+    order = batches.order
+    np.testing.assert_allclose(targets, 0.75 * np.eye(7)[labels[order]] + 0.25 * soft[order], rtol=1e-6)
+    with pytest.raises(ValueError, match="soft labels"):
+        finetune.MixedBatches(np.zeros((5, 48, 48, 1), np.uint8), labels, recipe, 7, soft=soft[:4])
+
+
+def test_teachers_give_their_calibrated_probabilities_and_their_versions(aligned: str) -> None:
+    """`tune.teach` with the shipped model: its probabilities (TTA and temperature applied, as annotate
+    gives them) for each face, averaged over teachers, and the version that names it in the run."""
+    from ferray.model import artifact as artifacts
+
+    faces = tune.load_faces(aligned, StorageSettings(), 48, 1)[0]["train"]
+    soft, versions = tune.teach(["default", "default"], faces, StorageSettings())
+    shipped = artifacts.load("default", StorageSettings())
+    assert versions == [artifacts.version_of(shipped.uri, shipped.meta)] * 2
+    np.testing.assert_allclose(soft, shipped.predict(faces.x.astype(np.float32)), rtol=1e-5, atol=1e-6)
+    assert soft.shape == (len(faces.y), 7) and (soft.argmax(axis=1) == faces.y).mean() > 0.4

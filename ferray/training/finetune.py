@@ -41,7 +41,8 @@ def augmentation(recipe: FineTuneSettings) -> keras.Sequential:
 
 class MixedBatches(keras.utils.PyDataset):
     """Shuffled training batches as (float faces, soft labels, per-face loss weights), a share of them
-    mixed by MixUp or CutMix.
+    mixed by MixUp or CutMix. With `soft` (the teachers' probabilities, distillation) a face's label is
+    (1 - recipe.distill) x its one-hot label + recipe.distill x its row of `soft`, before mixing.
 
     Mixing lives here, in numpy and outside the differentiated graph: it must mix the labels in the
     same proportion as the faces, which an augmentation layer inside the model cannot, and under JAX
@@ -50,9 +51,12 @@ class MixedBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, recipe: FineTuneSettings, n_classes: int,
-                 class_weight: np.ndarray | None = None, first_epoch: int = 0) -> None:
+                 class_weight: np.ndarray | None = None, first_epoch: int = 0, soft: np.ndarray | None = None) -> None:
         super().__init__()
         self.x, self.y, self.recipe, self.n_classes = x, y.astype(np.int64), recipe, n_classes
+        if soft is not None and soft.shape != (len(self.y), n_classes):
+            raise ValueError(f"soft labels of shape {soft.shape} for {len(self.y)} faces and {n_classes} classes")
+        self.soft = None if soft is None else np.asarray(soft, np.float32)
         self.class_weight = None if class_weight is None else np.asarray(class_weight, np.float32)
         self.epoch = first_epoch
         self._order()
@@ -72,6 +76,8 @@ class MixedBatches(keras.utils.PyDataset):
         rows = self.order[index * self.recipe.batch_size:(index + 1) * self.recipe.batch_size]
         x = self.x[rows].astype(np.float32)
         y = np.eye(self.n_classes, dtype=np.float32)[self.y[rows]]
+        if self.soft is not None:
+            y = (1.0 - self.recipe.distill) * y + self.recipe.distill * self.soft[rows]
         rng = np.random.default_rng([self.recipe.seed, self.epoch, index])
         kind = mix_kind(self.recipe, rng)
         if kind is not None:

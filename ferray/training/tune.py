@@ -41,10 +41,12 @@ __all__ = ["CHECKPOINTS", "HISTORY_FILE", "METRICS_FILE", "TrainResult", "load_f
 
 @dataclass
 class Faces:
-    """Aligned, labelled faces of one split as uint8 (N, side, side, channels) and int labels."""
+    """Aligned, labelled faces of one split as uint8 (N, side, side, channels) and int labels, and for
+    distillation the teachers' mean probabilities of each face."""
 
     x: np.ndarray
     y: np.ndarray
+    soft: np.ndarray | None = None
 
 
 def load_faces(source: str, storage: StorageSettings, side: int, channels: int) -> tuple[dict[str, Faces], dict[str, int], str]:
@@ -71,6 +73,21 @@ def load_faces(source: str, storage: StorageSettings, side: int, channels: int) 
         x = decode_faces(part[FACE].to_pylist(), side, channels).astype(np.uint8)
         faces[split] = Faces(x, np.asarray(part["label"].to_numpy(zero_copy_only=False), np.int64))
     return faces, skipped, digest.hexdigest()
+
+
+def teach(teachers: list[str], faces: Faces, storage: StorageSettings) -> tuple[np.ndarray, list[str]]:
+    """The teachers' mean probabilities of `faces` (each with its own TTA and temperature), and their
+    versions: what the run's name and the artifact record, never where the teachers were read from."""
+    from ferray.model import artifact as artifacts
+
+    probs, versions = [], []
+    for uri in teachers:
+        teacher = artifacts.load(uri, storage)
+        probs.append(teacher.predict(faces.x.astype(np.float32)))
+        versions.append(artifacts.version_of(teacher.uri, teacher.meta))
+        log.info("fine-tune: teacher %s: %.4f accuracy on the %d faces it teaches", versions[-1],
+                 float((probs[-1].argmax(axis=1) == faces.y).mean()) if len(faces.y) else 0.0, len(faces.y))
+    return np.mean(probs, axis=0).astype(np.float32), versions
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -171,7 +188,8 @@ def tune_worker(config: dict[str, Any]) -> None:
             log.info("fine-tune epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
 
     weights = head.class_weights(np.bincount(y, minlength=len(LABELS)).tolist(), recipe.class_weight)
-    batches = finetune.MixedBatches(x, y, recipe, len(LABELS), weights, first_epoch=state.epochs_done)
+    batches = finetune.MixedBatches(x, y, recipe, len(LABELS), weights, first_epoch=state.epochs_done,
+                                    soft=data["train"].soft)
     callbacks: list[keras.callbacks.Callback] = [EpochEnd()]
     if recipe.ema:
         # Validation sees the averaged weights; EpochEnd (after it in the list) then finds the raw ones back.
@@ -203,11 +221,14 @@ def _identify_backbone(meta: dict[str, Any], model: Any) -> None:
 # -- the driver ------------------------------------------------------------------------------------
 
 
-def run_name(fingerprint: str, settings: Settings) -> str:
+def run_name(fingerprint: str, settings: Settings, teachers: list[str] | None = None) -> str:
+    """`teachers`: the teachers' versions, which name them wherever they are read from."""
     if settings.train.run_name:
         return settings.train.run_name
     # Neither the time budget nor the inference settings change the trained weights.
     recipe = settings.finetune.model_dump(mode="json", exclude={"time_budget_s", "flip_tta", "calibrate"})
+    if teachers is not None:
+        recipe["teachers"] = teachers
     return runs.run_name("tune", {"data": fingerprint, "finetune": recipe, "face_size": settings.faces.size,
                                   "backbone": settings.backbone.model_dump(mode="json")})
 
@@ -265,7 +286,10 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     rows = {k: len(v.y) for k, v in faces.items()}
     if rows["train"] == 0:
         raise InputError(f"no labelled train rows in {source} (rows {rows}, skipped {skipped})")
-    name = run_name(fingerprint, settings)
+    recorded = recipe.model_dump(mode="json")
+    if recipe.teachers:
+        faces["train"].soft, recorded["teachers"] = teach(recipe.teachers, faces["train"], storage)
+    name = run_name(fingerprint, settings, recorded["teachers"] if recipe.teachers else None)
     done = runs.finished(model_out, name, storage)
     if done is not None and _budget_raised(done, recipe):
         log.info("fine-tune: %s stopped on its time budget, now raised: training on from its checkpoint", name)
@@ -302,7 +326,7 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
         test_macro_f1=test_f1, flip_tta=recipe.flip_tta, temperature=round(temperature, 4),
         seconds=round(fit_seconds, 2), seconds_per_epoch=runs.median_epoch_seconds(state),
         faces_per_s=round(faces_per_s / (2 if recipe.flip_tta else 1), 1),
-        finetune=recipe.model_dump(mode="json"), data_fingerprint=fingerprint,
+        finetune=recorded, data_fingerprint=fingerprint,
     )
     # Where this run wrote its files is the run's business (metrics.json), not the model's.
     meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "checkpoints")}
