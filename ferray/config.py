@@ -135,8 +135,8 @@ class FacesSettings(Section):
     fallback: Literal["full_frame", "none"] = "full_frame"
     # Detections narrower than this are ignored (0 = keep all). Above the detector's reach (built-in HOG:
     # 80 px, 40 upsampled once) it also makes detection cheaper: it runs on a copy scaled so that a face
-    # this wide is at that reach, and HOG's cost falls with the pixels (min_face_px 160 on 1080p video: a
-    # quarter of the work; faces narrower than it, found or not, are not wanted anyway).
+    # this wide is at that reach, and detection's cost falls with the pixels (faces narrower than it,
+    # found or not, are not wanted anyway; figures: docs/settings.md).
     min_face_px: int = Field(default=0, ge=0)
     # Detection upsamples the image, so the pixel guard is tighter than ingest's.
     limits: ImageLimits = ImageLimits(max_image_pixels=40_000_000)
