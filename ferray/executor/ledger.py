@@ -55,6 +55,11 @@ class ShardRecord:
     units: tuple[UnitKey, ...]
     stats: dict[str, Any]
 
+    @classmethod
+    def of(cls, stats: dict[str, Any], shard: str | None = None) -> ShardRecord:
+        """A shard's record from its stats (the run key and units `entry` put there)."""
+        return cls(shard or stats["shard"], stats["run_key"], tuple(tuple(unit) for unit in stats["units"]), stats)
+
 
 class Ledger:
     """OUT's finished shards, split into those of `run_key` (current) and the rest (others)."""
@@ -87,7 +92,7 @@ def read(out: str, storage: StorageSettings, stage: str, threads: int = 8) -> li
             return None
         if "run_key" not in stats:
             raise InputError(f"{out} holds shards that ferray {stage} did not write ({name}); choose another OUT")
-        return ShardRecord(name, stats["run_key"], tuple(tuple(unit) for unit in stats["units"]), stats)
+        return ShardRecord.of(stats, name)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return [r for r in pool.map(record, names) if r is not None]
@@ -203,7 +208,7 @@ def run(job: Ledgered, source: str, out: str, storage: StorageSettings, ray_sett
         stage, units, pools = job.shards(todo)
         for stats in execute(stage, [item(stage, unit) for unit in units], out, storage, ray_settings, pools=pools):
             summary.add(stats)
-            result.written.append(ShardRecord(stats["shard"], job.run_key, tuple(tuple(u) for u in stats["units"]), stats))
+            result.written.append(ShardRecord.of(stats))
         summary.shards_written = len(result.written)
     if supersede and ledger.others:
         for record in ledger.others:
