@@ -114,7 +114,7 @@ def ferray_split(settings: Any, model: str, archive: Path, truth: dict[str, str]
     from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
     from ferray.annotate.label import Labeller
     from ferray.data import io as fio
-    from ferray.data.images import open_checked, to_array
+    from ferray.data.images import decode
     from ferray.data.schema import LABELS
     from ferray.faces.align import align_face
     from ferray.faces.detect import detect_faces
@@ -136,7 +136,7 @@ def ferray_split(settings: Any, model: str, archive: Path, truth: dict[str, str]
         times = dict.fromkeys(times, 0.0)
         for name in names:
             t0 = time.process_time()
-            image = to_array(open_checked(tree.read(name), faces.limits), faces.color)
+            image = decode(tree.read(name), faces.limits, faces.color)
             t1 = time.process_time()
             rects = [r for r in detect_faces(image, finder.detector, first.upsample, cap, reach, first.min_face_px)
                      if min(r.width(), r.height()) >= first.min_face_px]

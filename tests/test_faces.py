@@ -17,6 +17,7 @@ from ferray import faces
 from ferray.config import FacesSettings, ImageLimits
 from ferray.faces import AlignStage, MissingModelError
 from ferray.data.schema import ALIGN_FIELDS, BBOX, FACE, FACE_SOURCE, FACES_FOUND
+from ferray.data.images import decode
 
 FACES_DIR = Path(__file__).resolve().parent / "data" / "faces"
 SAMPLES = sorted(FACES_DIR.glob("*/*.jpg"))
@@ -292,6 +293,17 @@ def test_mode_fixtures_are_what_they_claim() -> None:
     assert Image.open(io.BytesIO(MODES["I;16"])).mode.startswith("I")
     assert Image.open(io.BytesIO(MODES["CMYK"])).mode == "CMYK"
     assert Image.open(io.BytesIO(MODES["P"])).mode == "P"
+
+
+def test_a_colour_jpeg_decodes_to_the_grey_its_colours_give() -> None:
+    """Grey JPEGs are decoded from their luma alone; that grey is the one RGB → L gives, to rounding."""
+    image, _ = canvas(load_face(SAMPLES[3]), random.Random(5))
+    warm = np.stack([image, (image * 0.8).astype(np.uint8), (image * 0.55 + 40).astype(np.uint8)], axis=-1)
+    data = encode(Image.fromarray(warm), "JPEG", quality=90)
+    grey, rgb = decode(data, ImageLimits(), "gray"), decode(data, ImageLimits(), "rgb")
+    assert grey.shape == rgb.shape[:2] and rgb.shape[2] == 3
+    via_rgb = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.int16)
+    assert np.abs(grey.astype(np.int16) - via_rgb).mean() < 0.5
 
 
 def _truncated() -> bytes:

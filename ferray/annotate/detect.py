@@ -16,7 +16,7 @@ from ferray.annotate import video
 from ferray.annotate.job import Job
 from ferray.annotate.media import MediaError, Unit, sample_step
 from ferray.data import io
-from ferray.data.images import DecodeError, open_checked, to_array
+from ferray.data.images import DecodeError, decode
 from ferray.data.schema import TRACK_FIELDS, ANNOTATION_SCHEMA, MEDIA_IMAGE, STATUS_OK, status
 from ferray.faces.align import NO_FACE, TOO_SMALL, AlignResult, align_images, too_small
 from ferray.faces.detect import load_detector
@@ -110,7 +110,7 @@ class FaceFinder:
             data = self.tree.read(unit.member)
         except io.READ_ERRORS as error:
             raise MediaError("read", *io.read_failure(error)) from None
-        image = to_array(open_checked(data, self.faces.limits), self.faces.color)
+        image = decode(data, self.faces.limits, self.faces.color)
         return [self._frame_rows(image, base, unit.relpath, None, None)]
 
     def _video_rows(self, unit: Unit, base: dict[str, Any], counters: Counter[str]) -> list[list[dict[str, Any]]]:

@@ -14,7 +14,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ferray.config import FacesSettings
-from ferray.data.images import DecodeError, open_checked, to_array
+from ferray.data.images import DecodeError, decode
 from ferray.data.schema import ALIGN_FIELDS, STATUS_OK, status
 from ferray.faces.detect import Box, Detector, detect_faces, load_detector
 from ferray.faces.landmarks import landmark_points, load_predictor, predict_landmarks
@@ -250,8 +250,7 @@ class AlignStage:
             return [_Row(status=row_status, passed=True)]
         settings = self.settings
         try:
-            opened = open_checked(data or b"", settings.limits)
-            image = to_array(opened, settings.color)
+            image = decode(data or b"", settings.limits, settings.color)
         except DecodeError as error:
             return [_Row(status=error.status, error=str(error))]
         small = too_small(image)
