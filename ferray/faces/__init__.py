@@ -15,6 +15,7 @@ DETECTORS: dict[str, str] = {
     "hog": "ferray.faces.hog:load",
     "mmod": "ferray.faces.mmod:load",
     "yunet": "ferray.faces.yunet:load",
+    "blazeface": "ferray.faces.blazeface:load",
 }
 
 # `faces.detector: auto` (the default) is the detector each command measured best for its input:
