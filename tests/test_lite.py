@@ -66,3 +66,26 @@ def test_an_int8_graph_must_be_exported_with_calibration_faces(model_dir: Path, 
     settings = load_settings(annotate={"runtime": "tflite", "lite_precision": "int8"}).annotate
     with pytest.raises(artifact.ModelError, match="--precision int8 --calibration"):
         with_lite(resolve_model(str(copy), STORAGE), settings, STORAGE)
+
+
+def test_a_fine_tuned_model_converts_in_inference_mode(tmp_path: Path) -> None:
+    """A fine-tuned model keeps its head's Dropout and was trained inside a wrapper model: the graph must be
+    traced with training off, or the converter meets the dropout's random ops (not LiteRT builtins)."""
+    import keras
+
+    from ferray.config import FineTuneSettings
+    from ferray.training import finetune
+
+    keras.utils.set_random_seed(0)
+    features = keras.Input((48, 48, 1))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, strides=4)(features))
+    recipe = FineTuneSettings(hidden=16, dropout=0.5, epochs=1, batch_size=35)
+    model = finetune.classifier(keras.Model(features, pooled, name="backbone"), recipe)
+    faces, labels = sample_faces()
+    finetune.training_model(model, recipe, 1).fit(faces, keras.utils.to_categorical(labels, 7), epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True, compile=False)  # as export loads it
+    graph = tmp_path / "model.tflite"
+    graph.write_bytes(lite.convert(loaded, "float32"))
+    got = lite.LiteModel(str(graph), {"inference": {"flip_tta": False}}, STORAGE).predict(faces, batch_size=16)
+    np.testing.assert_allclose(got, np.asarray(loaded(faces, training=False)), atol=1e-4)

@@ -65,10 +65,17 @@ def convert(model: Any, precision: Precision, representative: np.ndarray | None 
     Through a SavedModel: converting a tf.function over Keras 3 variables keeps them as resource
     variables that the interpreter cannot read. `representative`: raw faces (N, s, s, c) for int8.
     """
+    import keras
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as folder:
-        model.export(folder, format="tf_saved_model", verbose=False)
+        # An explicit inference-mode endpoint: `model.export` traces the call with `training` unset, and a
+        # loaded fine-tuned model then keeps its head's dropout (random ops LiteRT does not have).
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        archive.add_endpoint("serve", lambda x: model(x, training=False), input_signature=[spec])
+        archive.write_out(folder, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         if precision != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
