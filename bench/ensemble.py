@@ -1,8 +1,8 @@
 """What averaging models would give: each model's and the mean's accuracy on PublicTest and PrivateTest.
 
-Usage: .venv/bin/python bench/ensemble.py ALIGNED_FER2013 MODEL [MODEL ...]
-MODEL is `default` or a model folder. Every model scores with flip TTA and no temperature (the argmax
-does not depend on it); the ensemble is the plain mean of their probabilities, chosen on nothing, so
+Usage: .venv/bin/python bench/ensemble.py ALIGNED_FER2013 MODEL [MODEL ...] [--no-tta]
+MODEL is `default` or a model folder. Every model scores with flip TTA (or, with --no-tta, once: two
+models then cost what one costs with TTA) and no temperature (the argmax does not depend on it); the ensemble is the plain mean of their probabilities, chosen on nothing, so
 its PrivateTest figure is as clean as its PublicTest one. Also prints the wall ms per face of scoring
 PrivateTest with all CPUs (as loaded as the machine is: not the one-core cost `bench/ship_model.py` measures).
 """
@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("aligned")
     parser.add_argument("models", nargs="+")
+    parser.add_argument("--no-tta", action="store_true", help="score each model once, without the flipped copy")
     args = parser.parse_args()
     storage = StorageSettings()
     faces = tune.load_faces(args.aligned, storage, 48, 1)[0]
@@ -34,7 +35,7 @@ def main() -> None:
     report: dict[str, dict[str, float]] = {}
     for name in args.models:
         model = artifacts.load(str(artifacts.default_model_dir()) if name == "default" else name, storage)
-        model.meta["inference"] = {"flip_tta": True, "temperature": 1.0}
+        model.meta["inference"] = {"flip_tta": not args.no_tta, "temperature": 1.0}
         probs[name] = {}
         for split in ("val", "test"):
             started = time.perf_counter()
