@@ -110,8 +110,8 @@ class FacesSettings(Section):
 
     # A name in ferray.faces.DETECTORS. HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector,
     # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. BlazeFace: MediaPipe's, on
-    # LiteRT; finds the most faces, costs more than YuNet. `auto`: each command's own choice
-    # (ferray.faces.AUTO_DETECTOR; align: hog, the paper's; annotate: yunet).
+    # LiteRT; finds the most faces. `auto`: each command's own choice (ferray.faces.AUTO_DETECTOR;
+    # align: hog, the paper's; annotate: blazeface).
     detector: str = "auto"
     # Each step doubles the image before detection: it halves the smallest face found and multiplies
     # the detection time; 48×48 face crops need one (figures: docs/settings.md).
