@@ -307,8 +307,8 @@ def test_large_photos_are_detected_at_a_capped_size(tmp_path: Path) -> None:
     found = rows[(8, 1920)]
     assert [r["status"] for r in found] == ["ok"]
     x, y, w, h = found[0]["bbox"]
-    # HOG's box covers the inner face: inside the pasted 384 px square, most of its width.
-    assert 2500 <= x and x + w <= 2500 + 384 + 8 and 1000 <= y and y + h <= 1000 + 384 + 8 and w > 384 * 0.6, found[0]["bbox"]
+    # A HOG-like box covers the inner face: inside the pasted 384 px square, over half its width.
+    assert 2500 <= x and x + w <= 2500 + 384 + 8 and 1000 <= y and y + h <= 1000 + 384 + 8 and w > 384 * 0.5, found[0]["bbox"]
     assert len(found[0]["chip"]) == 48 * 48
     assert [r["status"] for r in rows[(3, 1920)]] == ["align:no_face"]
     assert [r["status"] for r in rows[(3, None)]] == ["ok"]
