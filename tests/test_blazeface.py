@@ -1,56 +1,24 @@
-"""The BlazeFace detector (faces.detector=blazeface) on real FER-2013 faces: it finds them, its boxes sit where
-HOG's do so alignment from them matches, large pictures are searched in tiles, the model comes from its
-wheel without TensorFlow, and `ferray annotate` runs with it."""
+"""The BlazeFace detector (faces.detector=blazeface, annotate's default): large pictures are searched in
+tiles, and the model comes from its wheel without TensorFlow. That it finds the faces HOG finds, with boxes
+and landmarks where HOG's are, and that `ferray annotate` runs with it, is tested beside YuNet
+(tests/test_yunet.py)."""
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 
-from ferray import annotate, faces
-from ferray.config import FacesSettings, load_settings
+from ferray import faces
+from ferray.config import FacesSettings
 from ferray.faces.blazeface import BLAZE_REACH, BLAZE_SEES, INPUT, tiles
-from test_annotate import all_rows
-from test_faces import SAMPLES, canvas, load_face
-from test_yunet import iou
+from test_faces import SAMPLES, load_face
 
 HOG = FacesSettings()
 BLAZE = HOG.model_copy(update={"detector": "blazeface"})
-
-
-def test_blazeface_finds_the_faces_hog_finds_with_boxes_close_to_hogs() -> None:
-    hog, blaze = faces.load_detector(HOG), faces.load_detector(BLAZE)
-    predictor = faces.load_predictor(HOG)
-    assert blaze.reach(0) == BLAZE_REACH and blaze.reach(1) == BLAZE_REACH / 2
-    rng = random.Random(0)
-    found = {"hog": 0, "blaze": 0}
-    overlaps, shifts = [], []
-    for path in SAMPLES:
-        image, (x, y, w, h) = canvas(load_face(path), rng)  # a 144–192 px face on a canvas up to 420 px
-        by_hog = faces.detect_faces(image, hog, 0)
-        by_blaze = faces.detect_faces(image, blaze, 0)
-        found["hog"] += bool(by_hog)
-        found["blaze"] += bool(by_blaze)
-        if by_blaze:  # on the pasted face, not on the background
-            box = by_blaze[0]
-            assert x <= (box.left + box.right) / 2 <= x + w and y <= (box.top + box.bottom) / 2 <= y + h
-        if by_hog and by_blaze:
-            overlaps.append(iou(by_hog[0], by_blaze[0]))
-            # The same 5 landmarks from either box: alignment does not depend on the detector.
-            a = faces.landmark_points(faces.predict_landmarks(image, by_hog[0], predictor))
-            b = faces.landmark_points(faces.predict_landmarks(image, by_blaze[0], predictor))
-            shifts.append(float(np.abs(a - b).max()) / by_hog[0].width())
-    assert found["blaze"] >= found["hog"] and found["blaze"] >= 0.9 * len(SAMPLES), found
-    assert len(overlaps) >= 0.8 * len(SAMPLES)
-    assert np.median(overlaps) > 0.7 and min(overlaps) > 0.4, overlaps
-    assert np.median(shifts) < 0.03, shifts
 
 
 def test_tiles_cover_the_picture_and_overlap_by_the_largest_face_they_are_sized_for() -> None:
@@ -90,18 +58,3 @@ def test_the_model_comes_from_its_wheel_without_tensorflow() -> None:
 def test_blazeface_refuses_a_detector_model_file() -> None:
     with pytest.raises(faces.MissingModelError, match="blazeface"):
         faces.load_detector(BLAZE.model_copy(update={"detector_model": "/tmp/x.tflite"}))
-
-
-def test_annotate_with_blazeface(ray_session: None, model_dir: Path, tmp_path: Path) -> None:
-    rng = random.Random(1)
-    source = tmp_path / "photos"
-    source.mkdir()
-    for k, path in enumerate(SAMPLES[:6]):
-        image, _ = canvas(load_face(path), rng)
-        cv2.imwrite(str(source / f"p{k}.{'png' if k % 2 else 'jpg'}"), image)
-    settings = load_settings(ray={"progress_bars": False}, faces={"detector": "blazeface"})
-    summary = annotate.run(settings, str(model_dir), str(source), str(tmp_path / "out"))
-    rows = all_rows(str(tmp_path / "out"), settings.storage)
-    ok = rows.filter(pc.equal(rows["status"], "ok"))
-    assert summary.rows == rows.num_rows == 6 and ok.num_rows >= 5
-    assert all(abs(sum(p) - 1) < 1e-4 for p in ok["probs"].to_pylist())

@@ -13,6 +13,7 @@ import pytest
 
 from ferray import annotate, faces
 from ferray.config import FacesSettings, load_settings
+from ferray.faces.blazeface import BLAZE_REACH
 from ferray.faces.yunet import YUNET_REACH, YUNET_SEES
 from test_annotate import all_rows
 from test_faces import SAMPLES, canvas, load_face
@@ -27,10 +28,12 @@ def iou(a: faces.Box, b: faces.Box) -> float:
     return w * h / (a.width() * a.height() + b.width() * b.height() - w * h)
 
 
-def test_yunet_finds_the_faces_hog_finds_with_boxes_close_to_hogs() -> None:
-    hog, yunet = faces.load_detector(HOG), faces.load_detector(YUNET)
+@pytest.mark.parametrize(("name", "reach"), [("yunet", YUNET_REACH), ("blazeface", BLAZE_REACH)])
+def test_cnn_detectors_find_the_faces_hog_finds_with_boxes_close_to_hogs(name: str, reach: int) -> None:
+    """YuNet and BlazeFace (tests/test_blazeface.py) against HOG: boxes mapped onto HOG's, same landmarks."""
+    hog, yunet = faces.load_detector(HOG), faces.load_detector(HOG.model_copy(update={"detector": name}))
     predictor = faces.load_predictor(HOG)
-    assert yunet.reach(0) == YUNET_REACH and yunet.reach(1) == YUNET_REACH / 2
+    assert yunet.reach(0) == reach and yunet.reach(1) == reach / 2
     rng = random.Random(0)
     found = {"hog": 0, "yunet": 0}
     overlaps, shifts = [], []
@@ -76,16 +79,18 @@ def test_yunet_refuses_a_detector_model_file() -> None:
         faces.load_detector(YUNET.model_copy(update={"detector_model": "/tmp/x.svm"}))
 
 
-def test_annotate_with_yunet_and_the_lite_classifier(ray_session: None, model_dir: Path, tmp_path: Path) -> None:
-    """A real run on Ray: every canvas gets a face row from YuNet, labelled by the LiteRT graph, which the
-    labeller exported beside the artifact (keyed by the model's sha256) and a second run finds."""
+@pytest.mark.parametrize("detector", ["yunet", "blazeface"])
+def test_annotate_with_a_cnn_detector_and_the_lite_classifier(ray_session: None, model_dir: Path, tmp_path: Path,
+                                                              detector: str) -> None:
+    """A real run on Ray: every canvas gets a face row from the detector, labelled by the LiteRT graph, which
+    the labeller exported beside the artifact (keyed by the model's sha256) and a second run finds."""
     rng = random.Random(1)
     source = tmp_path / "photos"
     source.mkdir()
     for k, path in enumerate(SAMPLES[:6]):
         image, _ = canvas(load_face(path), rng)
         cv2.imwrite(str(source / f"p{k}.{'png' if k % 2 else 'jpg'}"), image)
-    settings = load_settings(ray={"progress_bars": False}, faces={"detector": "yunet"},
+    settings = load_settings(ray={"progress_bars": False}, faces={"detector": detector},
                              annotate={"runtime": "tflite"})
     summary = annotate.run(settings, str(model_dir), str(source), str(tmp_path / "out"))
     rows = all_rows(str(tmp_path / "out"), settings.storage)
