@@ -28,11 +28,10 @@ NMS_IOU = 0.3
 # Tiles overlap by the largest face a tile is sized for, so no face wanted is cut by every tile.
 _OVERLAP = 2.0
 
-# BlazeFace's square box is as wide as Dlib's HOG box and its centre ~3% of the side lower (medians over
-# 240 photo-bench faces both find). Mapped onto HOG's box, as Dlib's 5-point predictor was trained on those.
-_SIDE = 1.0
+# BlazeFace's square box is as wide as Dlib's HOG box (median ratio 1.0) and its centre ~3% of the side
+# lower (medians over 240 photo-bench faces both find). Mapped onto HOG's box, as Dlib's 5-point predictor
+# was trained on those.
 _CENTRE_DOWN = -0.033
-_CENTRE_RIGHT = 0.0
 
 
 def _anchors() -> np.ndarray:
@@ -70,12 +69,8 @@ def tiles(height: int, width: int, side: int) -> list[tuple[int, int, int, int]]
 
 def hog_like(left: float, top: float, right: float, bottom: float) -> Box:
     """A BlazeFace box (corners, source px) as the square Box Dlib's HOG draws around the same face."""
-    side = max(right - left, bottom - top) * _SIDE
-    cx = (left + right) / 2 + _CENTRE_RIGHT * side
-    cy = (top + bottom) / 2 + _CENTRE_DOWN * side
-    x0, y0 = round(cx - side / 2), round(cy - side / 2)
-    size = max(1, round(side))
-    return Box(x0, y0, x0 + size - 1, y0 + size - 1)
+    side = max(right - left, bottom - top)
+    return Box.square((left + right) / 2, (top + bottom) / 2 + _CENTRE_DOWN * side, side)
 
 
 class Blazeface:

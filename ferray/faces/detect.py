@@ -21,6 +21,13 @@ class Box(NamedTuple):
     right: int
     bottom: int
 
+    @classmethod
+    def square(cls, cx: float, cy: float, side: float) -> Box:
+        """The square box of `side` px centred on (cx, cy): the shape of Dlib's HOG boxes."""
+        left, top = round(cx - side / 2), round(cy - side / 2)
+        size = max(1, round(side))
+        return cls(left, top, left + size - 1, top + size - 1)
+
     def width(self) -> int:
         return self.right - self.left + 1
 

@@ -34,10 +34,7 @@ _CENTRE_RIGHT = 0.02
 def hog_like(x: float, y: float, w: float, h: float) -> Box:
     """A YuNet box (x, y, w, h) as the square Box Dlib's HOG draws around the same face."""
     side = (w * _WIDTH_TO_SIDE + h * _HEIGHT_TO_SIDE) / 2
-    cx, cy = x + w / 2 + _CENTRE_RIGHT * side, y + h / 2 + _CENTRE_DOWN * side
-    left, top = round(cx - side / 2), round(cy - side / 2)
-    size = max(1, round(side))
-    return Box(left, top, left + size - 1, top + size - 1)
+    return Box.square(x + w / 2 + _CENTRE_RIGHT * side, y + h / 2 + _CENTRE_DOWN * side, side)
 
 
 class Yunet:
