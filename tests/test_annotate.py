@@ -296,19 +296,22 @@ def test_upsampling_is_spent_on_small_images_only(policy: str, tmp_path: Path) -
 
 def test_large_photos_are_detected_at_a_capped_size(tmp_path: Path) -> None:
     """A 4000×3000 photo is detected at 1920 px (`annotate.detect_max_side`): its 384 px face is found, with
-    the box in the photo's own pixels; a 144 px face (69 px at 1920) is found only at full size."""
+    the box in the photo's own pixels; a 144 px face (69 px at 1920) is found only at full size. The cap is
+    the detectors' shared path (faces.detect_faces); YuNet, whose box on so large a face is HOG's width, shows
+    it (BlazeFace's box there is 59% of the square, under the bound below)."""
     face = load_face(next(p for p in SAMPLES if p.name == "Training_21562334.jpg"))
     rows = {}
     for scale, cap in ((8, 1920), (3, 1920), (3, None)):
         big = cv2.resize(face, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         photo = np.full((3000, 4000), 128, np.uint8)
         photo[1000 : 1000 + big.shape[0], 2500 : 2500 + big.shape[1]] = big
-        rows[(scale, cap)] = _finder(tmp_path, detect_max_side=cap).aligned_rows(photo, {}, "x", None, None)
+        rows[(scale, cap)] = _finder(tmp_path, {"detector": "yunet"}, detect_max_side=cap).aligned_rows(
+            photo, {}, "x", None, None)
     found = rows[(8, 1920)]
     assert [r["status"] for r in found] == ["ok"]
     x, y, w, h = found[0]["bbox"]
-    # A HOG-like box covers the inner face: inside the pasted 384 px square, over half its width.
-    assert 2500 <= x and x + w <= 2500 + 384 + 8 and 1000 <= y and y + h <= 1000 + 384 + 8 and w > 384 * 0.5, found[0]["bbox"]
+    # HOG's box covers the inner face: inside the pasted 384 px square, most of its width.
+    assert 2500 <= x and x + w <= 2500 + 384 + 8 and 1000 <= y and y + h <= 1000 + 384 + 8 and w > 384 * 0.6, found[0]["bbox"]
     assert len(found[0]["chip"]) == 48 * 48
     assert [r["status"] for r in rows[(3, 1920)]] == ["align:no_face"]
     assert [r["status"] for r in rows[(3, None)]] == ["ok"]
