@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python bench/ensemble.py ALIGNED_FER2013 MODEL [MODEL ...] [--no-tta]
 MODEL is `default` or a model folder. Every model scores with flip TTA (or, with --no-tta, once: two
-models then cost what one costs with TTA) and no temperature (the argmax does not depend on it); the ensemble is the plain mean of their probabilities, chosen on nothing, so
-its PrivateTest figure is as clean as its PublicTest one. Also prints the wall ms per face of scoring
+models then cost what one costs with TTA) and no temperature (the argmax does not depend on it); the
+ensemble is the plain mean of their probabilities, chosen on nothing, so its PrivateTest figure is as
+clean as its PublicTest one. Also prints the wall ms per face of scoring
 PrivateTest with all CPUs (as loaded as the machine is: not the one-core cost `bench/ship_model.py` measures).
 """
 

@@ -31,28 +31,28 @@ def iou(a: faces.Box, b: faces.Box) -> float:
 @pytest.mark.parametrize(("name", "reach"), [("yunet", YUNET_REACH), ("blazeface", BLAZE_REACH)])
 def test_cnn_detectors_find_the_faces_hog_finds_with_boxes_close_to_hogs(name: str, reach: int) -> None:
     """YuNet and BlazeFace (tests/test_blazeface.py) against HOG: boxes mapped onto HOG's, same landmarks."""
-    hog, yunet = faces.load_detector(HOG), faces.load_detector(HOG.model_copy(update={"detector": name}))
+    hog, cnn = faces.load_detector(HOG), faces.load_detector(HOG.model_copy(update={"detector": name}))
     predictor = faces.load_predictor(HOG)
-    assert yunet.reach(0) == reach and yunet.reach(1) == reach / 2
+    assert cnn.reach(0) == reach and cnn.reach(1) == reach / 2
     rng = random.Random(0)
-    found = {"hog": 0, "yunet": 0}
+    found = {"hog": 0, name: 0}
     overlaps, shifts = [], []
     for path in SAMPLES:
         image, (x, y, w, h) = canvas(load_face(path), rng)  # a 144–192 px face on a canvas up to 420 px
         by_hog = faces.detect_faces(image, hog, 0)
-        by_yunet = faces.detect_faces(image, yunet, 0)
+        by_cnn = faces.detect_faces(image, cnn, 0)
         found["hog"] += bool(by_hog)
-        found["yunet"] += bool(by_yunet)
-        if by_yunet:  # on the pasted face, not on the background
-            box = by_yunet[0]
+        found[name] += bool(by_cnn)
+        if by_cnn:  # on the pasted face, not on the background
+            box = by_cnn[0]
             assert x <= (box.left + box.right) / 2 <= x + w and y <= (box.top + box.bottom) / 2 <= y + h
-        if by_hog and by_yunet:
-            overlaps.append(iou(by_hog[0], by_yunet[0]))
+        if by_hog and by_cnn:
+            overlaps.append(iou(by_hog[0], by_cnn[0]))
             # The same 5 landmarks from either box: alignment does not depend on the detector.
             a = faces.landmark_points(faces.predict_landmarks(image, by_hog[0], predictor))
-            b = faces.landmark_points(faces.predict_landmarks(image, by_yunet[0], predictor))
+            b = faces.landmark_points(faces.predict_landmarks(image, by_cnn[0], predictor))
             shifts.append(float(np.abs(a - b).max()) / by_hog[0].width())
-    assert found["yunet"] >= found["hog"] and found["yunet"] >= 0.9 * len(SAMPLES), found
+    assert found[name] >= found["hog"] and found[name] >= 0.9 * len(SAMPLES), found
     assert len(overlaps) >= 0.8 * len(SAMPLES)
     assert np.median(overlaps) > 0.7 and min(overlaps) > 0.4, overlaps
     assert np.median(shifts) < 0.03, shifts
