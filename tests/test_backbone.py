@@ -194,6 +194,29 @@ def test_backbone_round_trips_through_a_model_artifact(cache_dir: Path, tmp_path
         backbone.resolve_weights(settings.model_copy(update={"weights": f"artifact:{tmp_path / 'nope'}"}))
 
 
+def test_an_artifact_backbone_runs_at_the_input_size_the_settings_ask_for(cache_dir: Path, tmp_path: Path) -> None:
+    # A backbone reused from a 64 px model with `input_size: 96` must see 96 px faces, not keep its parent's 64.
+    settings = BackboneSettings(cache_dir=str(cache_dir), input_size=64)
+    ref = backbone.resolve_weights(settings)
+    trunk = backbone.build_backbone(settings, weights=ref, image_size=48)
+    inputs = keras.Input((48, 48, 1))
+    keras.Model(inputs, trunk(inputs)).save(tmp_path / "model.keras")
+    (tmp_path / "ferray.json").write_text(json.dumps({"backbone": backbone.backbone_metadata(settings, ref, 48)}))
+    larger = settings.model_copy(update={"weights": f"artifact:{tmp_path}", "input_size": 96})
+    resized = backbone.build_backbone(larger, image_size=48)
+    net = backbone.spec(settings.name).net_name
+    assert resized.get_layer(net).input_shape[1:] == (96, 96, 3)
+    assert resized.input_shape[1:] == (48, 48, 1)
+    for mine, parents in zip(resized.get_layer(net).get_weights(), trunk.get_layer(net).get_weights()):
+        np.testing.assert_array_equal(mine, parents)
+    faces = np.stack([photo("coffee", 48, grey=True)])
+    at_96 = backbone.build_backbone(settings.model_copy(update={"input_size": 96}), weights=ref, image_size=48)
+    np.testing.assert_allclose(resized.predict_on_batch(faces), at_96.predict_on_batch(faces), atol=1e-4)
+    assert np.abs(resized.predict_on_batch(faces) - trunk.predict_on_batch(faces)).max() > 1e-3
+    same = backbone.build_backbone(settings.model_copy(update={"weights": f"artifact:{tmp_path}"}), image_size=48)
+    assert same.get_layer(net).input_shape[1:] == (64, 64, 3)
+
+
 class _Exploit:
     def __reduce__(self) -> tuple[Any, ...]:
         return (exec, ("raise SystemExit('pickle ran code')",))

@@ -163,6 +163,9 @@ def _from_artifact(settings: BackboneSettings, ref: WeightsRef, side: int) -> ke
     try:
         backbone = model.get_layer(BACKBONE_LAYER)
     except ValueError:
+        if any(layer.name.startswith("member_") for layer in model.layers):
+            raise BackboneWeightsError(f"{ref.path} is an ensemble of several backbones; name one of its members "
+                                       "(ferray.json `members`) as `artifact:` instead") from None
         raise BackboneWeightsError(f"{ref.path} has no layer named {BACKBONE_LAYER!r}") from None
     net_name = spec(settings.name).net_name
     if net_name not in {layer.name for layer in backbone.layers}:
@@ -174,7 +177,20 @@ def _from_artifact(settings: BackboneSettings, ref: WeightsRef, side: int) -> ke
             f"settings ask for {expected} (input_size, channels)"
         )
     backbone.trainable = False
-    return backbone
+    if _input_size(backbone, net_name) == settings.input_size:
+        return backbone
+    # The artifact's net ran at another size: the same weights (none depends on the image size) in a
+    # backbone built at the size the settings ask for, so `input_size` is never silently the parent's.
+    resized = build_backbone(settings, weights=WeightsRef("none"), image_size=side)
+    resized.get_layer(net_name).set_weights(backbone.get_layer(net_name).get_weights())
+    log.info("backbone %s from %s at %d px (the artifact ran it at %d px)", settings.name, ref.path,
+             settings.input_size, _input_size(backbone, net_name))
+    return resized
+
+
+def _input_size(backbone: keras.Model, net_name: str) -> int:
+    """The side the backbone's net sees (after its own resize layer, if any)."""
+    return int(backbone.get_layer(net_name).input_shape[1])
 
 
 def build_backbone(
