@@ -53,6 +53,12 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> Any:
     return training.run(settings, args.input, args.model_out)
 
 
+def _cmd_ensemble(settings: Settings, args: argparse.Namespace) -> Any:
+    from ferray.model import ensemble
+
+    return ensemble.run(settings, args.input, args.model_out)
+
+
 def _cmd_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
     from ferray import pipeline
 
@@ -144,6 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--fine-tune", metavar="K|all", help="adapt the backbone instead: unfreeze its top K blocks "
                        "(or all) and train end to end on ALIGNED faces (finetune.unfreeze; recipe in finetune.*)")
     train.set_defaults(handler=_cmd_train, overrides=_train_overrides)
+
+    ensemble = commands.add_parser("ensemble", parents=[common], help="average several models into one; "
+                                   "TTA and temperature chosen on ALIGNED's val split")
+    ensemble.add_argument("input", metavar="ALIGNED", help="aligned shards with val (and test) rows")
+    ensemble.add_argument("model_out", metavar="MODEL_OUT", help="model folder or s3:// prefix")
+    ensemble.add_argument("--members", nargs="+", metavar="MODEL", help="the models to average (ensemble.members)")
+    ensemble.set_defaults(handler=_cmd_ensemble, overrides=lambda a: {"ensemble": {"members": a.members}})
 
     pipeline = commands.add_parser("pipeline", parents=[common], help="ingest -> align -> embed -> train -> evaluate from --config")
     pipeline.add_argument("--workdir", help="where every stage's output is cached (pipeline.workdir)")

@@ -447,6 +447,20 @@ class FineTuneSettings(Section):
         return self.unfreeze is not None
 
 
+class EnsembleSettings(Section):
+    """`ferray ensemble ALIGNED MODEL_OUT` (owned by ferray.model.ensemble): several models as one artifact
+    whose probabilities are the mean of theirs."""
+
+    # ferray models (`default`, folders, registries, s3:// URIs) of the same face size and colour.
+    members: list[str] = Field(default_factory=list)
+    # Average each member's probabilities with the mirrored face's; `auto` keeps it if it scores higher on val.
+    flip_tta: bool | Literal["auto"] = True
+    # A temperature fitted on val (NLL) for the mean, so confidences mean what they say.
+    calibrate: bool = True
+    # How model.keras stores its kernels: float16 halves the file, widened to float32 at load.
+    weights: Literal["float32", "float16"] = "float16"
+
+
 class DataSource(Section):
     """One dataset of an experiment: its layout (`ferray ingest` DATASET) and where it lives."""
 
@@ -517,6 +531,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     annotate: AnnotateSettings = AnnotateSettings()
+    ensemble: EnsembleSettings = EnsembleSettings()
     # The YAML file the tree was read from, as its user named it (an artifact records which experiment made it).
     _config_file: str | None = PrivateAttr(default=None)
 

@@ -27,7 +27,7 @@ def sample_faces() -> tuple[np.ndarray, np.ndarray]:
     return np.stack(faces), np.array(labels)
 
 
-def build_artifact(settings: Settings, out: Path) -> Path:
+def build_artifact(settings: Settings, out: Path, hidden: int = 64, seed: int = 0) -> Path:
     """Fit the paper's head (Keras 3, in process) on the sample's embeddings and save the artifact."""
     import keras
 
@@ -37,9 +37,9 @@ def build_artifact(settings: Settings, out: Path) -> Path:
     backbone = build_backbone(settings.backbone, weights=weights, image_size=settings.faces.size)
     faces, labels = sample_faces()
     embeddings = backbone.predict_on_batch(faces)
-    head = build_head(keras, embeddings.shape[1], 64, 0.0)
+    head = build_head(keras, embeddings.shape[1], hidden, 0.0)
     head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     head.fit(embeddings, labels, epochs=60, batch_size=35, verbose=0)
     model = artifact.assemble(backbone, head.get_weights())
     accuracy = float((model.predict_on_batch(faces).argmax(1) == labels).mean())

@@ -192,13 +192,17 @@ def _decodable_faces(rows: Rows, size: int, channels: int) -> np.ndarray:
 def raw_probabilities(artifact: Artifact, rows: Rows, batch_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(probs before temperature, embeddings, flip TTA applied) for the rows, via their path.
 
-    The model is face → `backbone` → `head`; running the two layers apart gives the embeddings
-    (for t-SNE) at no extra cost and equals the whole model's output.
+    The model is face → `backbone` → `head` (an ensemble: several of those, averaged); running the
+    layers apart gives the embeddings (for t-SNE; an ensemble's are its members' side by side) at no
+    extra cost and equals the whole model's output.
     """
-    head = artifact.model.get_layer(HEAD_NAME)
+    from ferray.model.ensemble import members
+
+    parts = [(member.get_layer(HEAD_NAME), member) for member in members(artifact.model)]
     flip = bool(artifact.meta.get("inference", {}).get("flip_tta"))
     if rows.path == "embeddings":
-        assert rows.embeddings is not None
+        assert rows.embeddings is not None and len(parts) == 1
+        head = parts[0][0]
         embeddings = rows.embeddings
         if len(embeddings) and embeddings.shape[1] != head.input_shape[-1]:
             raise InputError(f"DATA's embeddings have {embeddings.shape[1]} dims, the model's head takes "
@@ -206,21 +210,30 @@ def raw_probabilities(artifact: Artifact, rows: Rows, batch_size: int) -> tuple[
         if flip:
             log.warning("evaluate: the model asks for flip TTA, which stored embeddings cannot give; "
                         "set evaluate.reuse_embeddings=false to score the faces with it")
-        flip = False
-    else:
-        from ferray.model.backbones import BACKBONE_LAYER  # imports TensorFlow: only once there is a model to run
+        probs = _batched(head, embeddings, batch_size) if len(embeddings) else np.zeros((0, len(LABELS)), np.float32)
+        return _normalised(probs), np.asarray(embeddings, np.float32), False
+    from ferray.model.backbones import BACKBONE_LAYER  # imports TensorFlow: only once there is a model to run
 
-        backbone = artifact.model.get_layer(BACKBONE_LAYER)
-        size, _, channels = backbone.input_shape[1:]
-        faces = _decodable_faces(rows, int(size), int(channels))
-        embeddings = _batched(backbone, faces, batch_size) if len(faces) else \
-            np.zeros((0, head.input_shape[-1]), np.float32)
-    probs = _batched(head, embeddings, batch_size) if len(embeddings) else \
-        np.zeros((0, len(LABELS)), np.float32)
-    if flip and len(embeddings):
-        # The artifact's own TTA: mean of the probabilities of the face and its mirror image.
-        flipped = _batched(backbone, faces[:, :, ::-1], batch_size)
-        probs = (probs + _batched(head, flipped, batch_size)) / 2.0
+    size, _, channels = parts[0][1].get_layer(BACKBONE_LAYER).input_shape[1:]
+    faces = _decodable_faces(rows, int(size), int(channels))
+    member_probs, member_embeddings = [], []
+    for head, member in parts:
+        backbone = member.get_layer(BACKBONE_LAYER)
+        if not len(faces):
+            member_probs.append(np.zeros((0, len(LABELS)), np.float32))
+            member_embeddings.append(np.zeros((0, head.input_shape[-1]), np.float32))
+            continue
+        embeddings = _batched(backbone, faces, batch_size)
+        probs = _batched(head, embeddings, batch_size)
+        if flip:
+            # The artifact's own TTA: mean of the probabilities of the face and its mirror image.
+            probs = (probs + _batched(head, _batched(backbone, faces[:, :, ::-1], batch_size), batch_size)) / 2.0
+        member_probs.append(probs)
+        member_embeddings.append(np.asarray(embeddings, np.float32))
+    return _normalised(np.mean(member_probs, axis=0)), np.concatenate(member_embeddings, axis=1), flip
+
+
+def _normalised(probs: np.ndarray) -> np.ndarray:
     probs = probs.astype(np.float64)
     # float32 softmax sums drift by ~1e-7; scikit-learn's log loss wants rows that sum to one.
-    return probs / probs.sum(axis=1, keepdims=True), np.asarray(embeddings, np.float32), flip
+    return probs / probs.sum(axis=1, keepdims=True)

@@ -1,0 +1,111 @@
+"""`ferray ensemble`: several real models as one artifact that evaluate, annotate and LiteRT run unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ferray.cli import main
+from ferray.config import StorageSettings, load_settings
+from ferray.demo import sample_path
+from ferray.evaluate.calibration import apply_temperature
+from ferray.model import artifact as artifacts
+from ferray.model import ensemble, lite
+from ferray.model.backbones import BackboneWeightsError, build_backbone
+from model_fixture import build_artifact, sample_faces
+
+STORAGE = StorageSettings()
+
+
+@pytest.fixture(scope="module")
+def aligned(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundled 35 real FER-2013 faces, ingested and aligned (train 21, val 7, test 7)."""
+    out = tmp_path_factory.mktemp("ensemble-data")
+    assert main(["ingest", "fer2013", str(sample_path()), str(out / "ingested"), "--log-level", "WARNING"]) == 0
+    assert main(["align", str(out / "ingested"), str(out / "aligned"), "--log-level", "WARNING"]) == 0
+    return str(out / "aligned")
+
+
+@pytest.fixture(scope="module")
+def second_member(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another real model: a different head on the same sample."""
+    return build_artifact(load_settings(), tmp_path_factory.mktemp("member") / "artifact", hidden=24, seed=7)
+
+
+@pytest.fixture(scope="module")
+def built(aligned: str, model_dir: Path, second_member: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ensemble") / "model"
+    code = main(["ensemble", aligned, str(out), "--members", str(model_dir), str(second_member),
+                 "--log-level", "WARNING"])
+    assert code == 0
+    return out
+
+
+def test_an_ensemble_is_the_mean_of_its_members(built: Path, model_dir: Path, second_member: Path) -> None:
+    faces, _ = sample_faces()
+    members = [artifacts.load(str(m), STORAGE) for m in (model_dir, second_member)]
+    loaded = artifacts.load(str(built), STORAGE)
+    assert [m.name for m in ensemble.members(loaded.model)] == ["member_0", "member_1"]
+    mean = np.mean([m.model.predict_on_batch(faces) for m in members], axis=0)
+    # float16 kernels in the file: close to the members' own float32 numbers, not equal.
+    np.testing.assert_allclose(loaded.model.predict_on_batch(faces), mean, atol=5e-3)
+    inference = loaded.meta["inference"]
+    expected = apply_temperature((mean + np.mean([m.model.predict_on_batch(faces[:, :, ::-1]) for m in members], axis=0)) / 2,
+                                 inference["temperature"])
+    assert inference["flip_tta"] is True and inference["temperature"] > 0
+    np.testing.assert_allclose(loaded.predict(faces), expected, atol=5e-3)
+
+
+def test_its_metadata_names_each_member_by_fingerprint_never_by_path(built: Path, model_dir: Path,
+                                                                      second_member: Path) -> None:
+    text = (built / artifacts.META_FILE).read_text()
+    meta = json.loads(text)
+    assert str(model_dir) not in text and str(second_member) not in text and str(built) not in text
+    for described, folder in zip(meta["members"], (model_dir, second_member)):
+        own = json.loads((folder / artifacts.META_FILE).read_text())
+        assert described["fingerprint"] == artifacts.fingerprint(own)
+        assert described["version"] == artifacts.version_of(str(folder), own)
+        assert described["backbone"] == own["backbone"]["fingerprint"]
+    assert meta["backbone"]["name"] == "ensemble" and len(meta["backbone"]["members"]) == 2
+    assert meta["metrics"]["rows"] == {"train": 21, "val": 7, "test": 7}
+    assert 0.0 <= meta["metrics"]["val_accuracy"] <= 1.0 and len(meta["metrics"]["member_scores"]) == 2
+    assert meta["weights_stored_as"] == "float16"
+
+
+def test_evaluate_and_litert_run_an_ensemble(built: Path, aligned: str, tmp_path: Path) -> None:
+    assert main(["evaluate", str(built), aligned, str(tmp_path / "report"), "--log-level", "WARNING"]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["n"] == 7 and metrics["path"] == "faces"
+    faces, _ = sample_faces()
+    keras_probs = artifacts.load(str(built), STORAGE).predict(faces)
+    graph = lite.export(str(built), STORAGE, "float32", cache_dir=tmp_path / "cache")
+    lite_probs = lite.LiteModel(graph, json.loads((built / artifacts.META_FILE).read_text()), STORAGE).predict(faces)
+    np.testing.assert_allclose(lite_probs, keras_probs, atol=1e-4)
+
+
+def test_float16_weights_halve_the_file_and_load_in_safe_mode(model_dir: Path, tmp_path: Path) -> None:
+    source = artifacts.load(str(model_dir), STORAGE)
+    wide = artifacts.save(source.model, source.meta, str(tmp_path / "wide"), STORAGE)
+    narrow = artifacts.save(source.model, source.meta, str(tmp_path / "narrow"), STORAGE, weights="float16")
+    assert narrow < 0.6 * wide
+    loaded = keras.saving.load_model(tmp_path / "narrow" / artifacts.MODEL_FILE, compile=False, safe_mode=True)
+    assert {v.dtype for v in loaded.weights} == {"float32"}
+    faces, _ = sample_faces()
+    np.testing.assert_allclose(loaded.predict_on_batch(faces), source.model.predict_on_batch(faces), atol=5e-3)
+
+
+def test_what_an_ensemble_refuses(built: Path, model_dir: Path, aligned: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ensemble", aligned, str(tmp_path / "one"), "--members", str(model_dir)]) == 3
+    assert "at least two" in capsys.readouterr().err
+    assert main(["ensemble", aligned, str(tmp_path / "nested"), "--members", str(model_dir), str(built)]) == 3
+    assert "itself an ensemble" in capsys.readouterr().err
+    assert main(["ensemble", aligned, str(tmp_path / "gone"), "--members", str(model_dir), str(tmp_path / "nope")]) == 3
+    assert "no model at" in capsys.readouterr().err
+    settings = load_settings(backbone={"weights": f"artifact:{built}"})
+    with pytest.raises(BackboneWeightsError, match="ensemble of several backbones"):
+        build_backbone(settings.backbone, image_size=48)
