@@ -272,10 +272,12 @@ class AnnotateSettings(Placement):
     # Classifying runtime: `keras`, the artifact itself; `tflite`, its LiteRT graph at `lite_precision`,
     # exported once per model (keyed by model.keras's sha256; `python -m ferray.model.lite`) and run
     # without TensorFlow in the actors: half the CPU a face, seconds less start-up. float32 gives
-    # Keras's probabilities to ~1e-5; float16 halves the file; int8 needs calibration faces and, on CPUs
-    # without VNNI, is hardly faster (figures: docs/benchmarks-annotate.md).
+    # Keras's probabilities to ~1e-5; float16 halves the file; int8 needs calibration faces (the
+    # artifact's own `calibration.npz`, or an export beforehand) and is ~2.4x faster on CPUs with VNNI.
+    # `auto`: the precision the model's ferray.json names (`inference.lite_precision`, checked against
+    # Keras on val when the model was made), else float32 (figures: docs/benchmarks-annotate.md).
     runtime: Literal["keras", "tflite"] = "tflite"
-    lite_precision: Literal["float32", "float16", "int8"] = "float32"
+    lite_precision: Literal["auto", "float32", "float16", "int8"] = "auto"
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
     # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:
     # with num_gpus > 0 one per GPU share, else one per `label_every` CPUs holding no CPU of its own
@@ -459,6 +461,11 @@ class EnsembleSettings(Section):
     calibrate: bool = True
     # How model.keras stores its kernels: float16 halves the file, widened to float32 at load.
     weights: Literal["float32", "float16"] = "float16"
+    # The LiteRT graph annotate runs by default (`inference.lite_precision`). int8: calibrated on train
+    # faces stored beside the model (calibration.npz), kept only if its val accuracy is within
+    # `lite_max_drop` of the Keras model's; else float32.
+    lite_precision: Literal["float32", "int8"] = "float32"
+    lite_max_drop: float = Field(default=0.003, ge=0.0, le=1.0)
 
 
 class DataSource(Section):

@@ -109,3 +109,32 @@ def test_what_an_ensemble_refuses(built: Path, model_dir: Path, aligned: str, tm
     settings = load_settings(backbone={"weights": f"artifact:{built}"})
     with pytest.raises(BackboneWeightsError, match="ensemble of several backbones"):
         build_backbone(settings.backbone, image_size=48)
+
+
+def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, second_member: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferray.annotate.job import resolve_model, with_lite
+
+    monkeypatch.setenv("FERRAY_ENSEMBLE__LITE_PRECISION", "int8")
+    monkeypatch.setenv("FERRAY_ENSEMBLE__LITE_MAX_DROP", "1")  # 7 val faces: one flipped label is 14 points
+    out = tmp_path / "int8"
+    assert main(["ensemble", aligned, str(out), "--members", str(model_dir), str(second_member),
+                 "--log-level", "WARNING"]) == 0
+    meta = json.loads((out / artifacts.META_FILE).read_text())
+    assert meta["inference"]["lite_precision"] == "int8"
+    checked = meta["metrics"]["lite"]
+    assert checked["calibration_faces"] == 21 and 0.0 <= checked["int8"]["test_agreement"] <= 1.0
+    # Only the artifact's files, on another machine: annotate's `auto` takes int8 and can export it there.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (artifacts.MODEL_FILE, artifacts.META_FILE, lite.CALIBRATION_FILE):
+        (copy / name).write_bytes((out / name).read_bytes())
+    annotate = load_settings(annotate={"runtime": "tflite"}).annotate
+    ref = with_lite(resolve_model(str(copy), STORAGE), annotate, STORAGE)
+    assert ref.lite_precision == "int8" and ref.lite_uri is None
+    forced = with_lite(resolve_model(str(copy), STORAGE), annotate.model_copy(update={"lite_precision": "float32"}), STORAGE)
+    assert forced.lite_precision == "float32"
+    faces, _ = sample_faces()
+    here = lite.LiteModel(lite.export(str(copy), STORAGE, "int8", cache_dir=tmp_path / "cache"), meta, STORAGE)
+    there = lite.LiteModel(str(out / lite.lite_name(ref.sha256, "int8")), meta, STORAGE)
+    np.testing.assert_allclose(here.predict(faces), there.predict(faces), atol=1e-6)

@@ -25,6 +25,8 @@ class ModelRef:
     flip_tta: bool = False  # the artifact's own `inference.flip_tta`
     sha256: str = ""  # of model.keras; set when annotate.runtime is tflite (the LiteRT graph's key)
     lite_uri: str | None = None  # the LiteRT graph found on the driver; None: the labeller exports it
+    lite_precision: str = "float32"  # the graph's precision: annotate.lite_precision, `auto` resolved
+    lite_choice: str | None = None  # the artifact's own `inference.lite_precision`, if it names one
 
 
 def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
@@ -44,25 +46,29 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
     meta = io.read_json(meta_uri, storage)
     artifact.check_labels(model, meta)  # here, on the driver: not as a failed actor once Ray has started
     version = artifact.Artifact(uri=folder, model=None, meta=meta).version
+    inference = meta.get("inference", {})
     return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")),
-                    bool(meta.get("inference", {}).get("flip_tta", False)))
+                    bool(inference.get("flip_tta", False)), lite_choice=inference.get("lite_precision"))
 
 
 def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSettings) -> ModelRef:
-    """The model with its LiteRT graph looked up (annotate.runtime tflite): a float graph missing here is
-    exported by the labeller; an int8 one needs calibration faces, so it must be exported beforehand."""
+    """The model with its LiteRT graph looked up (annotate.runtime tflite) at its precision (`auto`: the one
+    the artifact names, checked against Keras when it was made; else float32). A graph missing here is
+    exported by the labeller; int8 needs calibration faces: the artifact's own, or an export beforehand."""
     from ferray.model import artifact, lite
 
     if settings.runtime != "tflite":
         return model
+    precision = settings.lite_precision if settings.lite_precision != "auto" else (model.lite_choice or "float32")
     folder = model.uri.rsplit("/", 1)[0] if model.uri.endswith(".keras") else model.uri
     keras_uri = model.uri if model.uri.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
     sha = lite.model_sha256(keras_uri, storage)
-    found = lite.find(folder, sha, settings.lite_precision, storage)
-    if found is None and settings.lite_precision in lite.NEEDS_CALIBRATION:
+    found = lite.find(folder, sha, precision, storage)  # type: ignore[arg-type]
+    if (found is None and precision in lite.NEEDS_CALIBRATION
+            and not io.exists(io.join(folder, lite.CALIBRATION_FILE), storage)):
         raise artifact.ModelError(f"no int8 graph of {model.uri}: export one with `python -m ferray.model.lite "
                                   f"{model.uri} --precision int8 --calibration ALIGNED_SHARDS`")
-    return dataclasses.replace(model, sha256=sha, lite_uri=found)
+    return dataclasses.replace(model, sha256=sha, lite_uri=found, lite_precision=precision)
 
 
 def face_settings(faces: FacesSettings, model: ModelRef) -> FacesSettings:
@@ -86,7 +92,7 @@ def run_key(model: ModelRef, faces: FacesSettings, settings: AnnotateSettings) -
         "detect": {"upsample": settings.upsample, "upsample_below": settings.upsample_below},
     }
     if settings.runtime != "keras":  # its own probabilities (the Keras key stays what it was)
-        knobs["runtime"] = {"runtime": settings.runtime, "precision": settings.lite_precision}
+        knobs["runtime"] = {"runtime": settings.runtime, "precision": model.lite_precision}
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -52,7 +52,7 @@ class Labeller:
         _check_version(artifact.Artifact(uri=folder, model=None, meta=meta).version, job)
         uri = job.model.lite_uri
         if uri is None or not io.exists(uri, job.storage):  # not on this machine yet: converted once, here
-            uri = lite.export(job.model.uri, job.storage, job.settings.lite_precision)
+            uri = lite.export(job.model.uri, job.storage, job.model.lite_precision)  # type: ignore[arg-type]
         return lite.LiteModel(uri, meta, job.storage, threads=max(1, int(job.settings.num_cpus)))
 
     def __call__(self, drafts: pa.Table) -> pa.Table:

@@ -94,6 +94,7 @@ class EnsembleResult:
     member_scores: list[dict[str, float | None]] = field(default_factory=list)
     seconds: float = 0.0
     size_mb: float = 0.0
+    lite: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +108,10 @@ class EnsembleResult:
         lines.append(f"  mean (flip TTA {self.flip_tta}, T {self.temperature:.3f}): val {percent(self.val_accuracy)}, "
                      f"test {percent(self.test_accuracy)}; macro-F1 val {percent(self.val_macro_f1)}, "
                      f"test {percent(self.test_macro_f1)}")
+        if self.lite:
+            int8 = self.lite["int8"]
+            lines.append(f"  annotate's LiteRT graph: {self.lite['precision']} (int8: val {percent(int8['val_accuracy'])}, "
+                         f"test {percent(int8['test_accuracy'])}, labels as Keras's on {percent(int8['test_agreement'])} of test)")
         lines.append(f"  rows {self.rows}; {self.seconds:.0f} s")
         return "\n".join(lines)
 
@@ -122,6 +127,30 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, float 
         return None, None
     metrics = classification_metrics(labels, probs, bins=10)
     return metrics["accuracy"], metrics["macro_f1"]
+
+
+def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], keras_probs: dict[str, np.ndarray],
+               storage: Any, max_drop: float) -> dict[str, Any]:
+    """Calibrate an int8 graph on train faces stored beside the model, score it on val and test against the
+    Keras model's own probabilities, and choose it for annotate only if val loses at most `max_drop`."""
+    from ferray.model import lite
+
+    train = faces["train"].x
+    chosen = np.random.default_rng(0).choice(len(train), min(lite.CALIBRATION_FACES, len(train)), replace=False)
+    lite.save_calibration(model_out, train[np.sort(chosen)], storage)
+    graph = lite.LiteModel(lite.export(model_out, storage, "int8"), meta, storage, threads=2)
+    report: dict[str, Any] = {}
+    for split in ("val", "test"):
+        got = graph.predict(faces[split].x.astype(np.float32))
+        report[f"{split}_accuracy"] = _accuracy(got, faces[split].y)
+        report[f"{split}_keras_accuracy"] = _accuracy(keras_probs[split], faces[split].y)
+        report[f"{split}_agreement"] = float((got.argmax(1) == keras_probs[split].argmax(1)).mean()) if len(got) else None
+    drop = (report["val_keras_accuracy"] or 0.0) - (report["val_accuracy"] or 0.0)
+    precision = "int8" if drop <= max_drop else "float32"
+    if precision != "int8":
+        log.warning("ensemble: the int8 graph loses %.2f points on val (at most %.2f allowed): annotate keeps float32",
+                    100 * drop, 100 * max_drop)
+    return {"precision": precision, "calibration_faces": int(len(chosen)), "int8": report}
 
 
 def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
@@ -191,6 +220,12 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
         member_scores=member_scores, seconds=round(time.perf_counter() - started, 1))
     meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "members", "seconds", "size_mb")}
     result.size_mb = round(artifacts.save(model, meta, model_out, storage, weights=options.weights) / 1e6, 2)
+    if options.lite_precision == "int8":
+        probs = {k: apply_temperature(raw[k][flip], temperature) for k in ("val", "test")}
+        meta["metrics"]["lite"] = check_int8(model_out, meta, faces, probs, storage, options.lite_max_drop)
+        meta["inference"]["lite_precision"] = meta["metrics"]["lite"]["precision"]
+        io.write_json(io.join(model_out, artifacts.META_FILE), meta, storage)
+        result.lite = meta["metrics"]["lite"]
     log.info("ensemble: %d members -> %s: val %.4f, test %s (flip TTA %s, T %.3f)", len(loaded), model_out,
              val_acc or float("nan"), test_acc, flip, temperature)
     return result

@@ -23,6 +23,9 @@ Precision = Literal["float32", "float16", "int8"]
 NEEDS_CALIBRATION: frozenset[str] = frozenset({"int8"})
 # Faces fed to the int8 calibrator: enough to fix activation ranges, few enough to convert in seconds.
 CALIBRATION_FACES = 500
+# An artifact may carry its own calibration faces (raw uint8, N×s×s×c), so that its int8 graph can be
+# exported on any machine, with no dataset at hand, and comes out the same wherever it is made.
+CALIBRATION_FILE = "calibration.npz"
 
 
 def model_sha256(model_uri: str, storage: StorageSettings) -> str:
@@ -59,6 +62,26 @@ def find(folder: str, sha256: str, precision: Precision, storage: StorageSetting
     return next((uri for uri in candidates(folder, sha256, precision, cache_dir) if io.exists(uri, storage)), None)
 
 
+def save_calibration(folder: str, faces: np.ndarray, storage: StorageSettings) -> None:
+    """Store int8 calibration faces beside an artifact (CALIBRATION_FILE)."""
+    import io as pyio
+
+    buffer = pyio.BytesIO()
+    np.savez_compressed(buffer, faces=np.asarray(faces, np.uint8))
+    io.write_bytes_atomic(io.join(folder, CALIBRATION_FILE), buffer.getvalue(), storage)
+
+
+def load_calibration(folder: str, storage: StorageSettings) -> np.ndarray | None:
+    """The artifact's own calibration faces (float32, as the graph takes them), or None."""
+    import io as pyio
+
+    uri = io.join(folder, CALIBRATION_FILE)
+    if not io.exists(uri, storage):
+        return None
+    with np.load(pyio.BytesIO(io.read_bytes(uri, storage))) as stored:
+        return stored["faces"].astype(np.float32)
+
+
 def convert(model: Any, precision: Precision, representative: np.ndarray | None = None) -> bytes:
     """The Keras model as a LiteRT flatbuffer (float input and output at every precision).
 
@@ -93,7 +116,8 @@ def convert(model: Any, precision: Precision, representative: np.ndarray | None 
 def export(model_uri: str, storage: StorageSettings, precision: Precision = "float32",
            representative: np.ndarray | None = None, cache_dir: Path | None = None, force: bool = False) -> str:
     """The model's graph at `precision`, converted unless one exists (reruns for any artifact: keyed by
-    sha256). Written beside the artifact when that folder takes it, else into this machine's cache."""
+    sha256). Written beside the artifact when that folder takes it, else into this machine's cache.
+    int8 without `representative` calibrates on the artifact's own faces (CALIBRATION_FILE) when it has them."""
     from ferray.model import artifact
 
     folder = model_uri.rsplit("/", 1)[0] if model_uri.endswith(".keras") else model_uri
@@ -102,6 +126,8 @@ def export(model_uri: str, storage: StorageSettings, precision: Precision = "flo
     found = None if force else find(folder, sha, precision, storage, cache_dir)
     if found:
         return found
+    if precision in NEEDS_CALIBRATION and representative is None:
+        representative = load_calibration(folder, storage)
     loaded = artifact.load(model_uri, storage)
     data = convert(loaded.model, precision, representative)
     for uri in candidates(folder, sha, precision, cache_dir):
@@ -149,7 +175,8 @@ class LiteModel:
 
 def calibration_faces(source: str, storage: StorageSettings, split: str = "train",
                       count: int = CALIBRATION_FACES) -> np.ndarray:
-    """Raw faces (N, s, s, c) for int8 calibration: the first `count` ok rows of `split` in aligned shards."""
+    """Raw faces (N, s, s, c) for int8 calibration: the first `count` ok rows of `split` in aligned shards
+    (shards hold rows in a fixed order, so the same data gives the same faces)."""
     import cv2
     import pyarrow.compute as pc
 
