@@ -1,8 +1,10 @@
 """Copy a trained ferray model into the package as MODEL `default`, with its licence note.
 
 Usage: .venv/bin/python bench/ship_model.py MODEL_DIR [--max-mb 25] [--tune-on ALIGNED]
-MODEL_DIR is the output of `ferray train` (frozen head or `--fine-tune`). The artifact is checked the
-way users will load it (safe mode, ferray's labels) before it replaces ferray/assets/default-model/.
+MODEL_DIR is the output of `ferray train` (frozen head or `--fine-tune`) or `ferray ensemble`. The artifact
+is checked the way users will load it (safe mode, ferray's labels) before it replaces
+ferray/assets/default-model/ (model.keras, ferray.json and, when the model has them, its int8 calibration
+faces; never a LiteRT graph: those are cached per machine).
 --tune-on ALIGNED: on ALIGNED's `val` split only, keep flip TTA if it scores higher and fit the
 temperature (NLL); both go into the shipped `ferray.json` `inference`.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ferray.model import artifact as artifacts
+from ferray.model import lite
 from ferray.config import StorageSettings
 
 LICENCE = (
@@ -37,19 +40,25 @@ def main() -> None:
     artifact = artifacts.load(str(source), StorageSettings())
     if args.tune_on:
         tune_inference(artifact, args.tune_on)
-    size_mb = (source / artifacts.MODEL_FILE).stat().st_size / 1e6
+    files = [name for name in (artifacts.MODEL_FILE, lite.CALIBRATION_FILE) if (source / name).is_file()]
+    size_mb = sum((source / name).stat().st_size for name in files) / 1e6
     if size_mb > args.max_mb:
         raise SystemExit(f"{source} is {size_mb:.1f} MB, over the {args.max_mb} MB package budget")
     meta = dict(artifact.meta)
-    adapted = str(meta.get("weights_source", "")).startswith("fine-tuned")
+    members = meta.get("members") or [meta]
+    adapted = meta.get("members") is not None or str(meta.get("weights_source", "")).startswith("fine-tuned")
     meta["licence"] = LICENCE.format(adapted=", then fine-tuned on FER-2013 faces by ferray" if adapted else "",
                                      and_backbone=" (and the backbone's adaptation)" if adapted else "")
     target = artifacts.default_model_dir()
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / artifacts.MODEL_FILE, target / artifacts.MODEL_FILE)
+    for stale in target.iterdir():
+        if stale.name not in files:
+            stale.unlink()
+    for name in files:
+        shutil.copyfile(source / name, target / name)
     (target / artifacts.META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     metrics = meta.get("metrics", {})
-    print(f"shipped {source} as MODEL default ({size_mb:.1f} MB): test accuracy {metrics.get('test_accuracy')}, "
+    print(f"shipped {source} as MODEL default ({size_mb:.1f} MB, {len(members)} model(s)): test accuracy {metrics.get('test_accuracy')}, "
           f"val accuracy {metrics.get('val_accuracy')}")
     print(f"inference: {faces_per_second(artifact):.0f} faces/s on this machine "
           f"(flip TTA {meta.get('inference', {}).get('flip_tta')}, all CPUs, batches of 256)")
