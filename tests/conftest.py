@@ -93,3 +93,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model_fixture import build_artifact
 
     return build_artifact(load_settings(), tmp_path_factory.mktemp("model") / "artifact")
+
+
+@pytest.fixture(scope="session")
+def sample_aligned(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundled 35 real FER-2013 faces, ingested and aligned (train 21, val 7, test 7); read-only for tests."""
+    from ferray.cli import main
+    from ferray.demo import sample_path
+
+    out = tmp_path_factory.mktemp("sample-aligned")
+    assert main(["ingest", "fer2013", str(sample_path()), str(out / "ingested"), "--log-level", "WARNING"]) == 0
+    assert main(["align", str(out / "ingested"), str(out / "aligned"), "--log-level", "WARNING"]) == 0
+    return str(out / "aligned")

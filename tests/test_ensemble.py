@@ -11,7 +11,6 @@ import pytest
 
 from ferray.cli import main
 from ferray.config import StorageSettings, load_settings
-from ferray.demo import sample_path
 from ferray.evaluate.calibration import apply_temperature
 from ferray.model import artifact as artifacts
 from ferray.model import ensemble, lite
@@ -22,12 +21,8 @@ STORAGE = StorageSettings()
 
 
 @pytest.fixture(scope="module")
-def aligned(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The bundled 35 real FER-2013 faces, ingested and aligned (train 21, val 7, test 7)."""
-    out = tmp_path_factory.mktemp("ensemble-data")
-    assert main(["ingest", "fer2013", str(sample_path()), str(out / "ingested"), "--log-level", "WARNING"]) == 0
-    assert main(["align", str(out / "ingested"), str(out / "aligned"), "--log-level", "WARNING"]) == 0
-    return str(out / "aligned")
+def aligned(sample_aligned: str) -> str:
+    return sample_aligned
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from ferray.model import artifact as artifacts
 from ferray.model.backbones import BACKBONE_LAYER, build_backbone
 from ferray.cli import main
 from ferray.config import BackboneSettings, ConfigError, StorageSettings, load_settings
-from ferray.demo import sample_path
 
 # Small and quick: the point is the wiring, not the accuracy (bench/finetune.py and the shipped
 # model's report measure that on all of FER-2013).
@@ -25,12 +24,8 @@ QUICK = {"input_size": 48, "epochs": 3, "batch_size": 8, "hidden": 16, "calibrat
 
 
 @pytest.fixture(scope="module")
-def aligned(ray_session, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The bundled 35 real FER-2013 faces, ingested and aligned (train 21, val 7, test 7)."""
-    out = tmp_path_factory.mktemp("tune")
-    assert main(["ingest", "fer2013", str(sample_path()), str(out / "ingested"), "--log-level", "WARNING"]) == 0
-    assert main(["align", str(out / "ingested"), str(out / "aligned"), "--log-level", "WARNING"]) == 0
-    return str(out / "aligned")
+def aligned(sample_aligned: str) -> str:
+    return sample_aligned
 
 
 def _lite0(**update) -> keras.Model:
