@@ -45,14 +45,17 @@ def test_an_ensemble_is_the_mean_of_its_members(built: Path, model_dir: Path, se
     members = [artifacts.load(str(m), STORAGE) for m in (model_dir, second_member)]
     loaded = artifacts.load(str(built), STORAGE)
     assert [m.name for m in ensemble.members(loaded.model)] == ["member_0", "member_1"]
-    mean = np.mean([m.model.predict_on_batch(faces) for m in members], axis=0)
-    # float16 kernels in the file: close to the members' own float32 numbers, not equal.
-    np.testing.assert_allclose(loaded.model.predict_on_batch(faces), mean, atol=5e-3)
+    nested = ensemble.members(loaded.model)
+    mean = np.mean([m.predict_on_batch(faces) for m in nested], axis=0)
+    np.testing.assert_allclose(loaded.model.predict_on_batch(faces), mean, atol=1e-5)
+    # The members are the models given, to the float16 rounding of their kernels in the file.
+    for own, given in zip(nested, members):
+        np.testing.assert_allclose(own.predict_on_batch(faces), given.model.predict_on_batch(faces), atol=0.03)
     inference = loaded.meta["inference"]
-    expected = apply_temperature((mean + np.mean([m.model.predict_on_batch(faces[:, :, ::-1]) for m in members], axis=0)) / 2,
-                                 inference["temperature"])
+    mirrored = np.mean([m.predict_on_batch(faces[:, :, ::-1]) for m in nested], axis=0)
     assert inference["flip_tta"] is True and inference["temperature"] > 0
-    np.testing.assert_allclose(loaded.predict(faces), expected, atol=5e-3)
+    expected = apply_temperature((mean + mirrored) / 2, inference["temperature"])
+    np.testing.assert_allclose(loaded.predict(faces), expected, atol=1e-5)
 
 
 def test_its_metadata_names_each_member_by_fingerprint_never_by_path(built: Path, model_dir: Path,
@@ -90,7 +93,9 @@ def test_float16_weights_halve_the_file_and_load_in_safe_mode(model_dir: Path, t
     loaded = keras.saving.load_model(tmp_path / "narrow" / artifacts.MODEL_FILE, compile=False, safe_mode=True)
     assert {v.dtype for v in loaded.weights} == {"float32"}
     faces, _ = sample_faces()
-    np.testing.assert_allclose(loaded.predict_on_batch(faces), source.model.predict_on_batch(faces), atol=5e-3)
+    narrow_probs, wide_probs = loaded.predict_on_batch(faces), source.model.predict_on_batch(faces)
+    np.testing.assert_allclose(narrow_probs, wide_probs, atol=0.03)  # ~1e-3 relative rounding of every kernel
+    assert (narrow_probs.argmax(1) == wide_probs.argmax(1)).mean() >= 0.9
 
 
 def test_what_an_ensemble_refuses(built: Path, model_dir: Path, aligned: str, tmp_path: Path,
