@@ -93,6 +93,14 @@ class EvalSummary:
         return "\n".join(lines)
 
 
+def accuracy_and_macro_f1(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+    """A training run's two headline scores of calibrated probabilities (None, None without rows)."""
+    if len(labels) == 0:
+        return None, None
+    metrics = classification_metrics(labels, probs, bins=10)
+    return metrics["accuracy"], metrics["macro_f1"]
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, bins: int) -> dict[str, Any]:
     """Every number of metrics.json that depends on predictions, from scikit-learn."""
     preds = probs.argmax(axis=1)

@@ -163,7 +163,9 @@ def _from_artifact(settings: BackboneSettings, ref: WeightsRef, side: int) -> ke
     try:
         backbone = model.get_layer(BACKBONE_LAYER)
     except ValueError:
-        if any(layer.name.startswith("member_") for layer in model.layers):
+        from ferray.model.ensemble import MEMBER_PREFIX
+
+        if any(layer.name.startswith(MEMBER_PREFIX) for layer in model.layers):
             raise BackboneWeightsError(f"{ref.path} is an ensemble of several backbones; name one of its members "
                                        "(ferray.json `members`) as `artifact:` instead") from None
         raise BackboneWeightsError(f"{ref.path} has no layer named {BACKBONE_LAYER!r}") from None

@@ -120,15 +120,6 @@ def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float | None:
     return float((probs.argmax(axis=1) == labels).mean()) if len(labels) else None
 
 
-def _scores(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
-    from ferray.evaluate.command import classification_metrics
-
-    if not len(labels):
-        return None, None
-    metrics = classification_metrics(labels, probs, bins=10)
-    return metrics["accuracy"], metrics["macro_f1"]
-
-
 def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], keras_probs: dict[str, np.ndarray],
                storage: Any, max_drop: float) -> dict[str, Any]:
     """Calibrate an int8 graph on train faces stored beside the model, score it on val and test against the
@@ -156,6 +147,7 @@ def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], kera
 def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     """Average `ensemble.members` into one artifact at MODEL_OUT; TTA and temperature chosen on SOURCE's val."""
     from ferray.evaluate.calibration import apply_temperature, fit_temperature
+    from ferray.evaluate.command import accuracy_and_macro_f1
     from ferray.evaluate.scoring import data_fingerprint
     from ferray.data import io
     from ferray.training import tune
@@ -196,8 +188,8 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     if flip == "auto":
         flip = (_accuracy(raw["val"][True], val_y) or 0.0) > (_accuracy(raw["val"][False], val_y) or 0.0)
     temperature = fit_temperature(raw["val"][flip], val_y) if options.calibrate else 1.0
-    (val_acc, val_f1), (test_acc, test_f1) = (_scores(apply_temperature(raw[k][flip], temperature), faces[k].y)
-                                              for k in ("val", "test"))
+    calibrated = {k: apply_temperature(raw[k][flip], temperature) for k in ("val", "test")}
+    (val_acc, val_f1), (test_acc, test_f1) = (accuracy_and_macro_f1(calibrated[k], faces[k].y) for k in ("val", "test"))
 
     model = combine([m.model for m in loaded])
     backbone = {
@@ -221,8 +213,7 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "members", "seconds", "size_mb")}
     result.size_mb = round(artifacts.save(model, meta, model_out, storage, weights=options.weights) / 1e6, 2)
     if options.lite_precision == "int8":
-        probs = {k: apply_temperature(raw[k][flip], temperature) for k in ("val", "test")}
-        meta["metrics"]["lite"] = check_int8(model_out, meta, faces, probs, storage, options.lite_max_drop)
+        meta["metrics"]["lite"] = check_int8(model_out, meta, faces, calibrated, storage, options.lite_max_drop)
         meta["inference"]["lite_precision"] = meta["metrics"]["lite"]["precision"]
         io.write_json(io.join(model_out, artifacts.META_FILE), meta, storage)
         result.lite = meta["metrics"]["lite"]

@@ -250,15 +250,6 @@ def _fit(faces: dict[str, Faces], settings: Settings, name: str, checkpoints: st
     return runs.fit(tune_worker, config, name, checkpoints, settings.train, storage, workers=1, legacy_keras=False)
 
 
-def _scores(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
-    from ferray.evaluate.command import classification_metrics
-
-    if len(labels) == 0:
-        return None, None
-    metrics = classification_metrics(labels, probs, bins=10)
-    return metrics["accuracy"], metrics["macro_f1"]
-
-
 def _budget_raised(done: TrainResult, recipe: FineTuneSettings) -> bool:
     """A run its time budget stopped, rerun with a larger budget (or none), has epochs left to train."""
     if done.stop_reason != "budget" or done.epochs_run >= recipe.epochs:
@@ -272,6 +263,7 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     from ferray.model import artifact as artifacts
     from ferray.model.backbones import backbone_metadata, resolve_weights
     from ferray.evaluate.calibration import apply_temperature, fit_temperature
+    from ferray.evaluate.command import accuracy_and_macro_f1
     from ferray.runtime import ensure_ray
 
     recipe, train = settings.finetune, settings.train
@@ -317,7 +309,7 @@ def run(settings: Settings, source: str, model_out: str, *, epoch_hook: EpochHoo
     faces_per_s = passes / max(time.perf_counter() - clock, 1e-9)
     temperature = fit_temperature(raw["val"], faces["val"].y) if recipe.calibrate and len(faces["val"].y) else 1.0
     meta["inference"]["temperature"] = temperature
-    (val_acc, val_f1), (test_acc, test_f1) = (_scores(apply_temperature(raw[k], temperature), faces[k].y)
+    (val_acc, val_f1), (test_acc, test_f1) = (accuracy_and_macro_f1(apply_temperature(raw[k], temperature), faces[k].y)
                                               for k in ("val", "test"))
     result = TrainResult(
         model_out=model_out, run_name=name, checkpoints=io.join(checkpoints, name), rows=rows, skipped=skipped,
