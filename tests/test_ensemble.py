@@ -14,7 +14,8 @@ from ferray.config import StorageSettings, load_settings
 from ferray.evaluate.calibration import apply_temperature
 from ferray.model import artifact as artifacts
 from ferray.model import ensemble, lite
-from ferray.model.backbones import BackboneWeightsError, build_backbone
+from ferray.model.backbones import (BackboneWeightsError, backbone_fingerprint, backbone_metadata, build_backbone,
+                                    resolve_weights)
 from model_fixture import build_artifact, sample_faces
 
 STORAGE = StorageSettings()
@@ -107,8 +108,30 @@ def test_what_an_ensemble_refuses(built: Path, model_dir: Path, aligned: str, tm
     assert main(["ensemble", aligned, str(tmp_path / "gone"), "--members", str(model_dir), str(tmp_path / "nope")]) == 3
     assert "no model at" in capsys.readouterr().err
     settings = load_settings(backbone={"weights": f"artifact:{built}"})
-    with pytest.raises(BackboneWeightsError, match="ensemble of several backbones"):
+    with pytest.raises(BackboneWeightsError, match="ensemble of several backbones.*#member_N"):
         build_backbone(settings.backbone, image_size=48)
+    settings = load_settings(backbone={"weights": f"artifact:{built}#member_5"})
+    with pytest.raises(BackboneWeightsError, match="no member_5 .members: member_0, member_1"):
+        build_backbone(settings.backbone, image_size=48)
+
+
+def test_a_member_backbone_of_an_ensemble_is_reusable(built: Path) -> None:
+    settings = load_settings(backbone={"weights": f"artifact:{built}#member_1"}).backbone
+    ref = resolve_weights(settings)
+    backbone = build_backbone(settings, weights=ref, image_size=48)
+    nested = keras.saving.load_model(built / artifacts.MODEL_FILE, compile=False, safe_mode=True)
+    expected = nested.get_layer("member_1").get_layer("backbone")
+    faces = sample_faces()[0][:4]
+    np.testing.assert_array_equal(backbone.predict(faces, verbose=0), expected.predict(faces, verbose=0))
+    meta = backbone_metadata(settings, ref, image_size=48)
+    ensemble_meta = json.loads((built / artifacts.META_FILE).read_text())
+    assert meta["parent"]["member"] == 1
+    assert meta["parent"]["fingerprint"] == ensemble_meta["backbone"]["fingerprint"]
+    assert meta["weights_source"] == f"artifact:{ensemble_meta['backbone']['fingerprint']}#member_1"
+    assert str(built) not in json.dumps(meta)
+    # Each member is its own backbone identity, so embeddings of one are never served for the other.
+    other = load_settings(backbone={"weights": f"artifact:{built}#member_0"}).backbone
+    assert backbone_fingerprint(other) != backbone_fingerprint(settings)
 
 
 def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, second_member: Path, tmp_path: Path,

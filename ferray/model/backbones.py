@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,14 @@ def lite0_cache_dir(settings: BackboneSettings) -> Path:
 # -- weight resolution -----------------------------------------------------------------------------
 
 
+def split_member(target: str) -> tuple[str, int | None]:
+    """`PATH#member_N` → (PATH, N): the backbone of one member of an ensemble artifact; else (target, None)."""
+    from ferray.model.ensemble import MEMBER_PREFIX
+
+    found = re.fullmatch(rf"(.+)#{MEMBER_PREFIX}(\d+)", target)
+    return (found[1], int(found[2])) if found else (target, None)
+
+
 def _artifact_model_file(target: str, fetch: Fetch | None) -> Path:
     model_uri = target if target.endswith(".keras") else f"{target.rstrip('/')}/{MODEL_FILE}"
     if "://" not in model_uri and not Path(model_uri).expanduser().is_file():
@@ -146,8 +155,13 @@ def resolve_weights(settings: BackboneSettings, fetch: Fetch | None = None) -> W
     if weights.lower() == "none":
         return WeightsRef("none")
     if weights.startswith(ARTIFACT_PREFIX):
-        model_file = _artifact_model_file(weights.removeprefix(ARTIFACT_PREFIX), fetch)
-        return WeightsRef(weights, str(model_file), _artifact_weights_sha(model_file))
+        target, member = split_member(weights.removeprefix(ARTIFACT_PREFIX))
+        model_file = _artifact_model_file(target, fetch)
+        if member is None:
+            return WeightsRef(weights, str(model_file), _artifact_weights_sha(model_file))
+        # A member's weights live inside the ensemble's file: that file's sha and the member's index name them.
+        member_sha = hashlib.sha256(f"{file_sha256(model_file)}#{member}".encode()).hexdigest()
+        return WeightsRef(weights, str(model_file), member_sha)
     if weights.lower() != "imagenet":
         path = _local(weights, fetch)
         return WeightsRef(f"explicit:{weights}", str(path), file_sha256(path))
@@ -158,16 +172,22 @@ def resolve_weights(settings: BackboneSettings, fetch: Fetch | None = None) -> W
 
 
 def _from_artifact(settings: BackboneSettings, ref: WeightsRef, side: int) -> keras.Model:
+    from ferray.model.ensemble import MEMBER_PREFIX
+
     assert ref.path is not None
     model = keras.saving.load_model(ref.path, compile=False, safe_mode=True)
+    _, member = split_member(ref.source)
+    members = [layer.name for layer in model.layers if layer.name.startswith(MEMBER_PREFIX)]
+    if member is not None:
+        if f"{MEMBER_PREFIX}{member}" not in members:
+            raise BackboneWeightsError(f"{ref.path} has no {MEMBER_PREFIX}{member} (members: {', '.join(members) or 'none'})")
+        model = model.get_layer(f"{MEMBER_PREFIX}{member}")
     try:
         backbone = model.get_layer(BACKBONE_LAYER)
     except ValueError:
-        from ferray.model.ensemble import MEMBER_PREFIX
-
-        if any(layer.name.startswith(MEMBER_PREFIX) for layer in model.layers):
-            raise BackboneWeightsError(f"{ref.path} is an ensemble of several backbones; name one of its members "
-                                       "(ferray.json `members`) as `artifact:` instead") from None
+        if members:
+            raise BackboneWeightsError(f"{ref.path} is an ensemble of several backbones; name one with "
+                                       f"`artifact:PATH#{MEMBER_PREFIX}N` ({', '.join(members)})") from None
         raise BackboneWeightsError(f"{ref.path} has no layer named {BACKBONE_LAYER!r}") from None
     net_name = spec(settings.name).net_name
     if net_name not in {layer.name for layer in backbone.layers}:
@@ -271,6 +291,12 @@ def backbone_metadata(
     if weights.source.startswith(ARTIFACT_PREFIX):
         meta["parent"] = artifact_identity(Path(weights.path))
         meta["weights_source"] = f"{ARTIFACT_PREFIX}{meta['parent']['fingerprint']}"
+        _, member = split_member(weights.source)
+        if member is not None:
+            from ferray.model.ensemble import MEMBER_PREFIX
+
+            meta["parent"]["member"] = member
+            meta["weights_source"] += f"#{MEMBER_PREFIX}{member}"
     return meta
 
 
