@@ -175,7 +175,8 @@ class BackboneSettings(Placement):
     # 1: grey faces, replicated to RGB inside the model; 3: colour faces.
     channels: Literal[1, 3] = 1
     # `imagenet` | `none` (random, only when asked) | a local path or `s3://` URI of a weight file
-    # | `artifact:<model folder or model.keras>` to reuse the backbone of a ferray model.
+    # | `artifact:<model folder or model.keras>` to reuse the backbone of a ferray model; `artifact:<ensemble>#member_N`
+    # that of one member of an ensemble artifact.
     weights: str = Field(default="imagenet", min_length=1)
     # Converted Lite0 weights; None = ~/.cache/ferray/weights.
     cache_dir: str | None = None
