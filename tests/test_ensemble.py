@@ -140,13 +140,15 @@ def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, se
 
     monkeypatch.setenv("FERRAY_ENSEMBLE__LITE_PRECISION", "int8")
     monkeypatch.setenv("FERRAY_ENSEMBLE__LITE_MAX_DROP", "1")  # 7 val faces: one flipped label is 14 points
+    monkeypatch.setenv("FERRAY_ENSEMBLE__CALIBRATION_FACES", "16")  # of the fixture's 21 train faces
     out = tmp_path / "int8"
     assert main(["ensemble", aligned, str(out), "--members", str(model_dir), str(second_member),
                  "--log-level", "WARNING"]) == 0
     meta = json.loads((out / artifacts.META_FILE).read_text())
     assert meta["inference"]["lite_precision"] == "int8"
     checked = meta["metrics"]["lite"]
-    assert checked["calibration_faces"] == 21 and 0.0 <= checked["int8"]["test_agreement"] <= 1.0
+    assert len(np.load(out / lite.CALIBRATION_FILE)["faces"]) == 16
+    assert checked["calibration_faces"] == 16 and 0.0 <= checked["int8"]["test_agreement"] <= 1.0
     # Only the artifact's files, on another machine: annotate's `auto` takes int8 and can export it there.
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -121,13 +121,13 @@ def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], keras_probs: dict[str, np.ndarray],
-               storage: Any, max_drop: float) -> dict[str, Any]:
+               storage: Any, max_drop: float, count: int) -> dict[str, Any]:
     """Calibrate an int8 graph on train faces stored beside the model, score it on val and test against the
     Keras model's own probabilities, and choose it for annotate only if val loses at most `max_drop`."""
     from ferray.model import lite
 
     train = faces["train"].x
-    chosen = np.random.default_rng(0).choice(len(train), min(lite.CALIBRATION_FACES, len(train)), replace=False)
+    chosen = np.random.default_rng(0).choice(len(train), min(count, len(train)), replace=False)
     lite.save_calibration(model_out, train[np.sort(chosen)], storage)
     graph = lite.LiteModel(lite.export(model_out, storage, "int8"), meta, storage, threads=2)
     report: dict[str, Any] = {}
@@ -213,7 +213,9 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "members", "seconds", "size_mb")}
     result.size_mb = round(artifacts.save(model, meta, model_out, storage, weights=options.weights) / 1e6, 2)
     if options.lite_precision == "int8":
-        meta["metrics"]["lite"] = check_int8(model_out, meta, faces, calibrated, storage, options.lite_max_drop)
+        # The int8 graph is converted from the saved artifact, so ferray.json is written again with its verdict.
+        meta["metrics"]["lite"] = check_int8(model_out, meta, faces, calibrated, storage, options.lite_max_drop,
+                                              options.calibration_faces)
         meta["inference"]["lite_precision"] = meta["metrics"]["lite"]["precision"]
         io.write_json(io.join(model_out, artifacts.META_FILE), meta, storage)
         result.lite = meta["metrics"]["lite"]
