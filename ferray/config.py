@@ -415,7 +415,7 @@ class FineTuneSettings(Section):
     ema: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Knowledge distillation: each training target becomes (1 - distill) x its one-hot label + distill x
     # the mean probabilities (each with its own TTA and temperature) that these ferray models (`default`,
-    # folders, registries, s3:// URIs) give its un-augmented face, computed once before training.
+    # folders, registries, s3:// URIs, `MODEL#member_N`) give its un-augmented face, computed once before training.
     teachers: list[str] = Field(default_factory=list)
     distill: float = Field(default=0.0, ge=0.0, le=1.0)
     # Stop after this many epochs without a better val accuracy; 0 = run every epoch.
@@ -454,7 +454,8 @@ class EnsembleSettings(Section):
     """`ferray ensemble ALIGNED MODEL_OUT` (owned by ferray.model.ensemble): several models as one artifact
     whose probabilities are the mean of theirs."""
 
-    # ferray models (`default`, folders, registries, s3:// URIs) of the same face size and colour.
+    # ferray models (`default`, folders, registries, s3:// URIs; `MODEL#member_N` for one member of an
+    # ensemble) of the same face size and colour.
     members: list[str] = Field(default_factory=list)
     # Average each member's probabilities with the mirrored face's; `auto` keeps it if it scores higher on val.
     flip_tta: bool | Literal["auto"] = True

@@ -11,6 +11,7 @@ import pytest
 
 from ferray.cli import main
 from ferray.config import StorageSettings, load_settings
+from ferray.errors import ModelError
 from ferray.evaluate.calibration import apply_temperature
 from ferray.model import artifact as artifacts
 from ferray.model import ensemble, lite
@@ -132,6 +133,31 @@ def test_a_member_backbone_of_an_ensemble_is_reusable(built: Path) -> None:
     # Each member is its own backbone identity, so embeddings of one are never served for the other.
     other = load_settings(backbone={"weights": f"artifact:{built}#member_0"}).backbone
     assert backbone_fingerprint(other) != backbone_fingerprint(settings)
+
+
+def test_a_member_of_an_ensemble_is_a_model_of_its_own(built: Path, model_dir: Path, second_member: Path,
+                                                      aligned: str, tmp_path: Path) -> None:
+    faces, _ = sample_faces()
+    whole = json.loads((built / artifacts.META_FILE).read_text())
+    for index, folder in enumerate((model_dir, second_member)):
+        given = artifacts.load(str(folder), STORAGE)
+        member = artifacts.load(f"{built}#member_{index}", STORAGE)
+        # Its own TTA and temperature, not the ensemble's; its name as when it stood alone.
+        assert member.meta["inference"] == given.meta["inference"] and member.version == given.version
+        assert member.meta["backbone"] == whole["backbone"]["members"][index] and "members" not in member.meta
+        np.testing.assert_allclose(member.predict(faces), given.predict(faces), atol=0.03)
+    with pytest.raises(ModelError, match="has no member_2 .members: member_0, member_1"):
+        artifacts.load(f"{built}#member_2", STORAGE)
+    with pytest.raises(ModelError, match="no member_0 .members: none, not an ensemble"):
+        artifacts.load(f"{model_dir}#member_0", STORAGE)
+    # A member taken out joins a new ensemble under the fingerprint it had alone, and no path.
+    out = tmp_path / "again"
+    assert main(["ensemble", aligned, str(out), "--members", f"{built}#member_1", str(model_dir),
+                 "--log-level", "WARNING"]) == 0
+    text = (out / artifacts.META_FILE).read_text()
+    assert str(built) not in text
+    described = json.loads(text)["members"][0]
+    assert described["fingerprint"] == artifacts.fingerprint(json.loads((second_member / artifacts.META_FILE).read_text()))
 
 
 def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, second_member: Path, tmp_path: Path,

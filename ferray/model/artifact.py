@@ -216,7 +216,39 @@ def check_labels(uri: str, meta: dict[str, Any]) -> None:
 
 
 def load(uri: str, storage: StorageSettings) -> Artifact:
-    """Load MODEL (folder, `s3://`, registry, or `default`) in Keras safe mode; check its labels."""
+    """Load MODEL (folder, `s3://`, registry, or `default`) in Keras safe mode; check its labels.
+
+    `MODEL#member_N` is member N of an ensemble MODEL as a model of its own (with the TTA and temperature it
+    had alone), so an ensemble's members can join another ensemble or teach without their own folders."""
+    from ferray.model.backbones import split_member
+
+    target, member = split_member(uri)
+    if member is not None:
+        return _member(load(target, storage), member)
+    return _load(uri, storage)
+
+
+def _member(whole: Artifact, index: int) -> Artifact:
+    from ferray.model.ensemble import MEMBER_PREFIX, members
+
+    described = whole.meta.get("members") or []
+    nested = {layer.name: layer for layer in members(whole.model) if layer.name.startswith(MEMBER_PREFIX)}
+    name = f"{MEMBER_PREFIX}{index}"
+    if name not in nested or index >= len(described):
+        raise ModelError(f"{whole.uri} has no {name} (members: {', '.join(sorted(nested)) or 'none, not an ensemble'})")
+    own = described[index]
+    meta = {key: value for key, value in whole.meta.items() if key not in ("members", "metrics", "inference")}
+    meta.update(
+        version=own["version"], experiment=own.get("experiment"), backbone=whole.meta["backbone"]["members"][index],
+        inference=own.get("inference") or {}, metrics={"val_accuracy": own.get("val_accuracy"),
+                                                       "test_accuracy": own.get("test_accuracy")},
+        # What names it wherever it is read from: the ensemble it was taken from, and its own fingerprint there.
+        member_of={"fingerprint": fingerprint(whole.meta), "member": index, "member_fingerprint": own["fingerprint"]},
+    )
+    return Artifact(uri=f"{whole.uri}#{name}", model=nested[name], meta=meta)
+
+
+def _load(uri: str, storage: StorageSettings) -> Artifact:
     from ferray.model.registry import RegistryError, resolve
 
     try:
