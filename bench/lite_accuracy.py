@@ -41,12 +41,14 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.expanduser("~/ferray-runs/data/fer2013-aligned"))
     parser.add_argument("--precision", nargs="+", default=["float32", "float16", "int8"])
     parser.add_argument("--split", default="test")
+    parser.add_argument("--calibration-faces", type=int, help="train faces calibrating int8 (default: ensemble.calibration_faces)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from ferray.runtime import configure_tensorflow
 
     configure_tensorflow(1, use_gpu=False, inter_op=1)  # one thread, as in an actor
-    storage = load_settings().storage.resolved()
+    settings = load_settings()
+    storage = settings.storage.resolved()
     ref = resolve_model(args.model, storage)
     rows = scoring.select(args.data, storage, None, args.split, reuse_embeddings=False)
     faces = decode_faces(rows.faces, ref.face_size, 1 if ref.face_color == "gray" else 3)  # type: ignore[arg-type]
@@ -60,7 +62,7 @@ def main() -> None:
     calibration = None
     for precision in args.precision:
         if precision in lite.NEEDS_CALIBRATION and calibration is None:
-            calibration = lite.calibration_faces(args.data, storage)
+            calibration = lite.calibration_faces(args.data, storage, args.calibration_faces or settings.ensemble.calibration_faces)
         started = time.perf_counter()
         uri = lite.export(ref.uri, storage, precision, calibration if precision in lite.NEEDS_CALIBRATION else None)
         seconds = time.perf_counter() - started

@@ -89,3 +89,13 @@ def test_a_fine_tuned_model_converts_in_inference_mode(tmp_path: Path) -> None:
     graph.write_bytes(lite.convert(loaded, "float32"))
     got = lite.LiteModel(str(graph), {"inference": {"flip_tta": False}}, STORAGE).predict(faces, batch_size=16)
     np.testing.assert_allclose(got, np.asarray(loaded(faces, training=False)), atol=1e-4)
+
+
+def test_calibration_faces_are_a_fixed_draw_of_the_train_split(sample_aligned: str) -> None:
+    five = lite.calibration_faces(sample_aligned, STORAGE, 5)
+    assert five.shape[0] == 5 and five.shape[1] == five.shape[2]
+    np.testing.assert_array_equal(five, lite.calibration_faces(sample_aligned, STORAGE, 5))
+    every = lite.calibration_faces(sample_aligned, STORAGE, 10_000)  # more than there are: each train face once
+    assert len(every) == 21 and len(np.unique(every.reshape(len(every), -1), axis=0)) == len(every)
+    with pytest.raises(artifact.ModelError, match="no ok `nosuch` faces"):
+        lite.calibration_faces(sample_aligned, STORAGE, 5, split="nosuch")

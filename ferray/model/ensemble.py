@@ -57,7 +57,7 @@ def identity(member: artifacts.Artifact) -> dict[str, Any]:
     backbone = meta.get("backbone", {})
     return {
         "version": member.version,
-        "fingerprint": artifacts.fingerprint(meta),
+        "fingerprint": (meta.get("member_of") or {}).get("member_fingerprint") or artifacts.fingerprint(meta),
         "experiment": meta.get("experiment"),
         "backbone": backbone.get("fingerprint"),
         "input_size": backbone.get("input_size"),
@@ -126,9 +126,8 @@ def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], kera
     Keras model's own probabilities, and choose it for annotate only if val loses at most `max_drop`."""
     from ferray.model import lite
 
-    train = faces["train"].x
-    chosen = np.random.default_rng(0).choice(len(train), min(count, len(train)), replace=False)
-    lite.save_calibration(model_out, train[np.sort(chosen)], storage)
+    chosen = lite.sample_calibration(faces["train"].x, count)
+    lite.save_calibration(model_out, chosen, storage)
     graph = lite.LiteModel(lite.export(model_out, storage, "int8"), meta, storage, threads=2)
     report: dict[str, Any] = {}
     for split in ("val", "test"):

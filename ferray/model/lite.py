@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 Precision = Literal["float32", "float16", "int8"]
 # int8 needs representative faces to calibrate its activations; the float graphs need nothing but the model.
 NEEDS_CALIBRATION: frozenset[str] = frozenset({"int8"})
-# Faces fed to the int8 calibrator: enough to fix activation ranges, few enough to convert in seconds.
-CALIBRATION_FACES = 500
 # An artifact may carry its own calibration faces (raw uint8, N×s×s×c), so that its int8 graph can be
 # exported on any machine, with no dataset at hand, and comes out the same wherever it is made.
 CALIBRATION_FILE = "calibration.npz"
@@ -173,24 +171,29 @@ class LiteModel:
         return np.array(self.interpreter.get_tensor(self.output["index"]), np.float32)
 
 
-def calibration_faces(source: str, storage: StorageSettings, split: str = "train",
-                      count: int = CALIBRATION_FACES) -> np.ndarray:
-    """Raw faces (N, s, s, c) for int8 calibration: the first `count` ok rows of `split` in aligned shards
-    (shards hold rows in a fixed order, so the same data gives the same faces)."""
+def sample_calibration(faces: np.ndarray, count: int) -> np.ndarray:
+    """`count` of `faces` drawn at random (seed 0) in their order: what calibrates an int8 graph, the same
+    for the same data wherever the graph is made (`ensemble.calibration_faces` sets how many)."""
+    chosen = np.random.default_rng(0).choice(len(faces), min(count, len(faces)), replace=False)
+    return faces[np.sort(chosen)]
+
+
+def calibration_faces(source: str, storage: StorageSettings, count: int, split: str = "train") -> np.ndarray:
+    """Raw faces (N, s, s, c) for int8 calibration: `sample_calibration` of the ok rows of `split` in aligned
+    shards (shards hold rows in a fixed order, so the same data gives the same faces)."""
     import cv2
     import pyarrow.compute as pc
 
     from ferray.model.embed import decode_faces
 
-    chosen: list[bytes] = []
+    rows: list[bytes] = []
     for uri in io.completed_shards(source, storage):
         table = io.read_parquet(uri, storage, ["split", "status", "face"])
         keep = pc.and_(pc.equal(table["split"], split), pc.equal(table["status"], "ok"))
-        chosen += [face for face in table["face"].filter(keep).to_pylist() if face][: count - len(chosen)]
-        if len(chosen) >= count:
-            break
-    if not chosen:
+        rows += [face for face in table["face"].filter(keep).to_pylist() if face]
+    if not rows:
         raise ModelError(f"no ok `{split}` faces under {source} to calibrate an int8 graph with")
+    chosen = [rows[i] for i in sample_calibration(np.arange(len(rows)), count)]
     pixels = cv2.imdecode(np.frombuffer(chosen[0], np.uint8), cv2.IMREAD_UNCHANGED)
     size, channels = pixels.shape[0], 1 if pixels.ndim == 2 else pixels.shape[2]
     return decode_faces(chosen, size, channels)
@@ -206,14 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="model folder, `….keras`, registry name or `default`")
     parser.add_argument("--precision", choices=["float32", "float16", "int8"], default="float32")
     parser.add_argument("--calibration", help="aligned shards whose train faces calibrate int8")
+    parser.add_argument("--calibration-faces", type=int, help="how many (default: ensemble.calibration_faces)")
     parser.add_argument("--force", action="store_true", help="convert again even when a graph exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ferray.annotate.job import resolve_model
 
-    storage = load_settings().storage.resolved()
+    settings = load_settings()
+    storage = settings.storage.resolved()
     ref = resolve_model(args.model, storage)
-    faces = calibration_faces(args.calibration, storage) if args.calibration else None
+    count = args.calibration_faces or settings.ensemble.calibration_faces
+    faces = calibration_faces(args.calibration, storage, count) if args.calibration else None
     print(export(ref.uri, storage, args.precision, faces, force=args.force))
 
 
