@@ -461,6 +461,10 @@ class EnsembleSettings(Section):
     flip_tta: bool | Literal["auto"] = True
     # A temperature fitted on val (NLL) for the mean, so confidences mean what they say.
     calibrate: bool = True
+    # macro_f1: per-class shifts of the mean's log-probabilities fitted on val to maximise macro-F1
+    # (`inference.class_offsets`), for the classes class-imbalanced training under-predicts. Needs a val
+    # set of thousands: on a few hundred faces the shifts follow noise.
+    class_offsets: Literal["none", "macro_f1"] = "none"
     # How model.keras stores its kernels: float16 halves the file, widened to float32 at load.
     weights: Literal["float32", "float16"] = "float16"
     # The LiteRT graph annotate runs by default (`inference.lite_precision`). int8: calibrated on train

@@ -144,7 +144,7 @@ def score(settings: Settings, model_uri: str, version: str, data: str, split: st
     """Accuracy and macro-F1 of a model on DATA's `split` rows: `ferray evaluate`'s numbers without its report."""
     from ferray.model import artifact as artifacts
     from ferray.evaluate import scoring
-    from ferray.evaluate.calibration import apply_temperature
+    from ferray.model.head import apply_recipe
     from ferray.evaluate.command import classification_metrics
 
     started = time.perf_counter()
@@ -157,7 +157,7 @@ def score(settings: Settings, model_uri: str, version: str, data: str, split: st
         raise InputError(f"the holdout {data} has no labelled {split} rows (skipped {dict(rows.skipped)}); "
                          "a dataset without splits needs retrain.holdout_split: all")
     raw, _, _ = scoring.raw_probabilities(artifact, rows, options.batch_size)
-    probs = apply_temperature(raw, float(artifact.meta.get("inference", {}).get("temperature", 1.0)))
+    probs = apply_recipe(raw, artifact.meta.get("inference", {}))
     metrics = classification_metrics(rows.labels, probs, options.ece_bins)
     seconds = time.perf_counter() - started
     result = Score(version=version, accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], rows=len(rows),

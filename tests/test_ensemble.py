@@ -189,3 +189,24 @@ def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, se
     here = lite.LiteModel(lite.export(str(copy), STORAGE, "int8", cache_dir=tmp_path / "cache"), meta, STORAGE)
     there = lite.LiteModel(str(out / lite.lite_name(ref.sha256, "int8")), meta, STORAGE)
     np.testing.assert_allclose(here.predict(faces), there.predict(faces), atol=1e-6)
+
+
+def test_class_offsets_fitted_on_val_travel_with_the_ensemble(aligned: str, built: Path, model_dir: Path,
+                                                              second_member: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferray.evaluate.calibration import macro_f1
+    from ferray.training import tune
+
+    monkeypatch.setenv("FERRAY_ENSEMBLE__CLASS_OFFSETS", "macro_f1")
+    out = tmp_path / "offsets"
+    assert main(["ensemble", aligned, str(out), "--members", str(model_dir), str(second_member),
+                 "--log-level", "WARNING"]) == 0
+    meta = json.loads((out / artifacts.META_FILE).read_text())
+    offsets = meta["inference"].get("class_offsets")
+    val = tune.load_faces(aligned, STORAGE, 48, 1)[0]["val"]
+    shifted = macro_f1(artifacts.load(str(out), STORAGE).predict(val.x.astype(np.float32)), val.y)
+    plain = macro_f1(artifacts.load(str(built), STORAGE).predict(val.x.astype(np.float32)), val.y)
+    assert shifted == pytest.approx(meta["metrics"]["val_macro_f1"], abs=1e-9)
+    # Kept only when they raise val macro-F1; without them the ensemble is the one built without the option.
+    assert (shifted > plain) if offsets else (shifted == plain), (offsets, shifted, plain)
+    assert offsets is None or len(offsets) == 7

@@ -55,6 +55,28 @@ def test_flip_tta_and_temperature_from_metadata(model_dir: Path, tmp_path: Path)
     assert np.allclose(model.predict(faces, flip_tta=True), (plain + flipped) / 2, atol=1e-5)
 
 
+def test_class_offsets_from_metadata_shift_every_runtime_alike(model_dir: Path, tmp_path: Path) -> None:
+    """`inference.class_offsets` is part of the recipe: Keras and LiteRT apply it the same way."""
+    from ferray.model import lite
+    from ferray.model.head import apply_temperature
+
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    meta = json.loads((copy / "ferray.json").read_text())
+    offsets = [0.0, 9.0, 0.0, -4.0, 0.0, 0.0, 2.0]  # the fixture model is sure of itself: large shifts
+    meta["inference"] = {"flip_tta": False, "temperature": 1.5, "class_offsets": offsets}
+    (copy / "ferray.json").write_text(json.dumps(meta))
+    faces, _ = sample_faces()
+    plain = artifact.load(str(model_dir), STORAGE).predict(faces, flip_tta=False)
+    shifted = artifact.load(str(copy), STORAGE)
+    expected = apply_temperature(plain, 1.5, offsets)
+    np.testing.assert_allclose(shifted.predict(faces), expected, atol=1e-5)
+    assert (expected.argmax(1) != plain.argmax(1)).any(), "offsets this large must change some labels"
+    graph = lite.LiteModel(lite.export(str(copy), STORAGE, "float32", cache_dir=tmp_path / "cache"), shifted.meta,
+                           STORAGE)
+    np.testing.assert_allclose(graph.predict(faces), expected, atol=1e-4)
+
+
 def test_s3_and_registry_uris(model_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
     storage = StorageSettings().resolved()
     registry = Registry(f"{s3_bucket}/registry-{tmp_path.name}/models", storage)

@@ -25,8 +25,9 @@ from ferray.data import io
 from ferray.data.schema import LABELS
 from ferray.errors import InputError
 from ferray.evaluate import paper, report, scoring
-from ferray.evaluate.calibration import apply_temperature, calibrate, reliability
+from ferray.evaluate.calibration import calibrate, reliability
 from ferray.model import artifact as artifacts
+from ferray.model.head import apply_recipe
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,9 @@ def run(settings: Settings, model_uri: str, source: str, out: str, calibrate_on:
     raw, embeddings, flipped = scoring.raw_probabilities(artifact, rows, options.batch_size)
     if len(rows) == 0:  # every face was undecodable
         raise InputError(f"no decodable faces to evaluate in {source} (skipped {dict(rows.skipped)})")
-    temperature = float(artifact.meta.get("inference", {}).get("temperature", 1.0))
-    probs = apply_temperature(raw, temperature)
+    recipe = artifact.meta.get("inference", {})
+    temperature = float(recipe.get("temperature", 1.0))
+    probs = apply_recipe(raw, recipe)
 
     training = paper.training_dataset(artifact.meta, options.train_dataset)
     datasets = sorted(set(rows.datasets))
@@ -228,7 +230,7 @@ def run(settings: Settings, model_uri: str, source: str, out: str, calibrate_on:
         "path": rows.path,
         "path_reason": "DATA's embeddings come from the model's backbone" if rows.path == "embeddings"
         else "the model's own backbone embeds DATA's aligned faces",
-        "inference": {"temperature": temperature, "flip_tta": flipped},
+        "inference": {"temperature": temperature, "class_offsets": recipe.get("class_offsets"), "flip_tta": flipped},
         "skipped": {"total": sum(rows.skipped.values()), "by_reason": dict(rows.skipped)},
         "quarantined_upstream": _quarantined(source, storage),
         "paper": paper.comparison(training, datasets, rows.split),

@@ -199,6 +199,10 @@ def _pct(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
+def _offsets(offsets: list[float]) -> str:
+    return ", ".join(f"{name} {value:+.2f}" for name, value in zip(LABELS, offsets) if value)
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     """report.md: our numbers beside the paper's where one applies, then the figures and what was left out."""
     model, data, paper = metrics["model"], metrics["data"], metrics["paper"]
@@ -209,7 +213,9 @@ def markdown(metrics: dict[str, Any]) -> str:
         f"- Model: backbone `{model['backbone']}`, trained on **{model.get('training_dataset') or 'unknown'}** "
         f"(training data fingerprint `{model.get('training_data_fingerprint')}`), model.keras sha256 "
         f"`{str(model['sha256'])[:16]}…`, temperature {metrics['inference']['temperature']:.3f}, "
-        f"flip TTA {'on' if metrics['inference']['flip_tta'] else 'off'}.",
+        f"flip TTA {'on' if metrics['inference']['flip_tta'] else 'off'}"
+        + (f", class offsets {_offsets(metrics['inference']['class_offsets'])}."
+           if metrics["inference"].get("class_offsets") else "."),
         f"- Data: {', '.join(data['datasets']) or 'unknown'}, split `{data['split']}` ({data['split_rule']}), "
         f"{metrics['n']} rows scored via the {metrics['path']} path ({metrics['path_reason']}); data fingerprint "
         f"`{data['fingerprint'][:16]}…`.",

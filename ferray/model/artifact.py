@@ -167,13 +167,14 @@ def narrow_weights(model_file: Path) -> None:
 def apply_inference(raw: Callable[[np.ndarray], np.ndarray], faces: np.ndarray, meta: dict[str, Any],
                     flip_tta: bool | None = None) -> np.ndarray:
     """`ferray.json`'s inference recipe around a model's raw probabilities: the mean with the mirrored
-    faces' (flip TTA; `flip_tta` overrides the artifact's choice, None keeps it), then the temperature.
+    faces' (flip TTA; `flip_tta` overrides the artifact's choice, None keeps it), then the class offsets
+    and temperature.
     One function for every runtime (Keras, LiteRT), so that they differ only in the raw numbers."""
     inference = meta.get("inference", {})
     probs = raw(faces)
     if inference.get("flip_tta") if flip_tta is None else flip_tta:
         probs = (probs + raw(faces[:, :, ::-1])) / 2.0
-    return head.apply_temperature(probs, float(inference.get("temperature", 1.0))).astype(np.float32)
+    return head.apply_recipe(probs, inference).astype(np.float32)
 
 
 @dataclass

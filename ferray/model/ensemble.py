@@ -87,6 +87,7 @@ class EnsembleResult:
     rows: dict[str, int]
     flip_tta: bool
     temperature: float
+    class_offsets: list[float] | None
     val_accuracy: float | None
     test_accuracy: float | None
     val_macro_f1: float | None
@@ -105,7 +106,8 @@ class EnsembleResult:
         lines = [f"ferray ensemble: {len(self.members)} models -> {self.model_out} ({self.size_mb:.1f} MB)"]
         for member, scores in zip(self.members, self.member_scores):
             lines.append(f"  {member['version']}: val {percent(scores.get('val'))}, test {percent(scores.get('test'))}")
-        lines.append(f"  mean (flip TTA {self.flip_tta}, T {self.temperature:.3f}): val {percent(self.val_accuracy)}, "
+        offsets = f", class offsets {[round(v, 2) for v in self.class_offsets]}" if self.class_offsets else ""
+        lines.append(f"  mean (flip TTA {self.flip_tta}{offsets}, T {self.temperature:.3f}): val {percent(self.val_accuracy)}, "
                      f"test {percent(self.test_accuracy)}; macro-F1 val {percent(self.val_macro_f1)}, "
                      f"test {percent(self.test_macro_f1)}")
         if self.lite:
@@ -145,7 +147,7 @@ def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], kera
 
 def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     """Average `ensemble.members` into one artifact at MODEL_OUT; TTA and temperature chosen on SOURCE's val."""
-    from ferray.evaluate.calibration import apply_temperature, fit_temperature
+    from ferray.evaluate.calibration import apply_temperature, fit_class_offsets, fit_temperature
     from ferray.evaluate.command import accuracy_and_macro_f1
     from ferray.evaluate.scoring import data_fingerprint
     from ferray.data import io
@@ -186,8 +188,9 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     flip = options.flip_tta
     if flip == "auto":
         flip = (_accuracy(raw["val"][True], val_y) or 0.0) > (_accuracy(raw["val"][False], val_y) or 0.0)
-    temperature = fit_temperature(raw["val"][flip], val_y) if options.calibrate else 1.0
-    calibrated = {k: apply_temperature(raw[k][flip], temperature) for k in ("val", "test")}
+    offsets = fit_class_offsets(raw["val"][flip], val_y) if options.class_offsets == "macro_f1" else None
+    temperature = fit_temperature(raw["val"][flip], val_y, offsets) if options.calibrate else 1.0
+    calibrated = {k: apply_temperature(raw[k][flip], temperature, offsets) for k in ("val", "test")}
     (val_acc, val_f1), (test_acc, test_f1) = (accuracy_and_macro_f1(calibrated[k], faces[k].y) for k in ("val", "test"))
 
     model = combine([m.model for m in loaded])
@@ -199,7 +202,8 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
         "fingerprint": "ensemble-" + hashlib.sha256(json.dumps([d["backbone"] for d in described]).encode()).hexdigest()[:16],
     }
     meta = artifacts.metadata(settings, backbone, {}, data_fingerprint(source, io.completed_shards(source, storage), storage),
-                              inference={"flip_tta": bool(flip), "temperature": temperature})
+                              inference={"flip_tta": bool(flip), "temperature": temperature,
+                                         **({"class_offsets": offsets} if offsets else {})})
     meta["face_size"], meta["face_color"] = side, loaded[0].meta.get("face_color", "gray")
     meta["members"] = described
     meta["training_dataset"] = sorted({d for m in loaded for d in (m.meta.get("training_dataset") or [])})
@@ -207,6 +211,7 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     meta["weights_stored_as"] = options.weights
     result = EnsembleResult(
         model_out=model_out, members=described, rows=rows, flip_tta=bool(flip), temperature=round(temperature, 4),
+        class_offsets=offsets,
         val_accuracy=val_acc, test_accuracy=test_acc, val_macro_f1=val_f1, test_macro_f1=test_f1,
         member_scores=member_scores, seconds=round(time.perf_counter() - started, 1))
     meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "members", "seconds", "size_mb")}

@@ -112,16 +112,26 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
 # -- weight files ----------------------------------------------------------------------------------
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): a temperature applied to probabilities (log p = logits + a constant).
+def apply_temperature(probs: np.ndarray, temperature: float, offsets: Sequence[float] | None = None) -> np.ndarray:
+    """softmax((log p + b) / T): a temperature, after per-class offsets b, applied to probabilities
+    (log p = logits + a constant).
 
-    The one place inference scales confidences: the artifact applies its fitted T with it, and the
-    temperature is fitted (ferray.evaluate.calibration) through it."""
-    if temperature == 1.0 or len(probs) == 0:
+    The one place inference scales confidences: the artifact applies its fitted T and offsets with it, and
+    both are fitted (ferray.evaluate.calibration) through it."""
+    shifted = offsets is not None and len(offsets) > 0
+    if (temperature == 1.0 and not shifted) or len(probs) == 0:
         return np.asarray(probs, np.float64)
-    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / temperature
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+    if shifted:
+        logits = logits + np.asarray(offsets, np.float64)
+    logits = logits / temperature
     scaled = np.exp(logits - logits.max(axis=1, keepdims=True))
     return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def apply_recipe(probs: np.ndarray, inference: dict[str, Any]) -> np.ndarray:
+    """An artifact's `inference` recipe (ferray.json) on its raw probabilities: class offsets, then temperature."""
+    return apply_temperature(probs, float(inference.get("temperature", 1.0)), inference.get("class_offsets"))
 
 
 def weights_to_npz(weights: Sequence[np.ndarray], **extra: np.ndarray) -> bytes:
