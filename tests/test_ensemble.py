@@ -146,6 +146,12 @@ def test_a_member_of_an_ensemble_is_a_model_of_its_own(built: Path, model_dir: P
         assert member.meta["inference"] == given.meta["inference"] and member.version == given.version
         assert member.meta["backbone"] == whole["backbone"]["members"][index] and "members" not in member.meta
         np.testing.assert_allclose(member.predict(faces), given.predict(faces), atol=0.03)
+    # evaluate scores a member alone, and names it with the ensemble it was taken from.
+    assert main(["evaluate", f"{built}#member_0", aligned, str(tmp_path / "member-report"), "--log-level", "WARNING"]) == 0
+    metrics = json.loads((tmp_path / "member-report" / "metrics.json").read_text())
+    first = artifacts.load(f"{built}#member_0", STORAGE).version
+    assert metrics["model"]["uri"].endswith("#member_0")
+    assert metrics["model"]["version"] == first != artifacts.version_of(str(built), whole)
     with pytest.raises(ModelError, match="has no member_2 .members: member_0, member_1"):
         artifacts.load(f"{built}#member_2", STORAGE)
     with pytest.raises(ModelError, match="no member_0 .members: none, not an ensemble"):

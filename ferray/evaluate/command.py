@@ -149,10 +149,11 @@ def predictions_table(rows: scoring.Rows, probs: np.ndarray) -> pa.Table:
 
 
 def _model_identity(artifact: artifacts.Artifact, training: str | None, storage: StorageSettings) -> dict[str, Any]:
-    from ferray.model.backbones import file_sha256
+    from ferray.model.backbones import file_sha256, split_member
 
     meta = artifact.meta
-    local = io.fetch_cached(io.join(artifact.uri, artifacts.MODEL_FILE), storage)
+    folder, _ = split_member(artifact.uri)  # `MODEL#member_N`: the ensemble's file, named with the member
+    local = io.fetch_cached(io.join(folder, artifacts.MODEL_FILE), storage)
     return {
         "uri": artifacts.public_uri(artifact.uri),
         "version": artifact.version,
