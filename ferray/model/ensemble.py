@@ -171,7 +171,9 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
     raw: dict[str, dict[bool, np.ndarray]] = {}
     member_scores: list[dict[str, float | None]] = []
     for member in loaded:
-        member.meta["inference"] = {**member.meta.get("inference", {}), "temperature": 1.0}
+        # Raw probabilities: the mean gets its own offsets and temperature, fitted below.
+        own = {k: v for k, v in member.meta.get("inference", {}).items() if k != "class_offsets"}
+        member.meta["inference"] = {**own, "temperature": 1.0}
         scores: dict[str, float | None] = {}
         for split in ("val", "test"):
             x = faces[split].x.astype(np.float32)
