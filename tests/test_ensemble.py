@@ -166,6 +166,28 @@ def test_a_member_of_an_ensemble_is_a_model_of_its_own(built: Path, model_dir: P
     assert described["fingerprint"] == artifacts.fingerprint(json.loads((second_member / artifacts.META_FILE).read_text()))
 
 
+def test_annotate_labels_with_one_member_of_an_ensemble(built: Path, second_member: Path) -> None:
+    """`ferray annotate MODEL#member_N`: resolved on the driver from ferray.json alone, its own LiteRT graph
+    (keyed apart from the ensemble's, beside it) applied with the member's own TTA and temperature."""
+    from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
+    from ferray.annotate.label import Labeller
+
+    settings = load_settings(annotate={"runtime": "tflite"})
+    whole = with_lite(resolve_model(str(built), STORAGE), settings.annotate, STORAGE)
+    ref = with_lite(resolve_model(f"{built}#member_1", STORAGE), settings.annotate, STORAGE)
+    alone = artifacts.load(str(second_member), STORAGE)
+    assert ref.version == alone.version != whole.version and ref.flip_tta == alone.meta["inference"]["flip_tta"]
+    assert ref.sha256 != whole.sha256 and ref.lite_uri is None  # not exported yet
+    faces = face_settings(settings.faces, ref)
+    job = Job(str(built), "", STORAGE, faces, settings.annotate, ref, run_key(ref, faces, settings.annotate))
+    model = Labeller(job).model
+    assert isinstance(model, lite.LiteModel) and ref.sha256[:16] in model.uri and Path(model.uri).parent == built
+    sample, _ = sample_faces()
+    np.testing.assert_allclose(model.predict(sample), alone.predict(sample), atol=0.03)
+    with pytest.raises(ModelError, match="has no member_5"):
+        resolve_model(f"{built}#member_5", STORAGE)
+
+
 def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, second_member: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from ferray.annotate.job import resolve_model, with_lite

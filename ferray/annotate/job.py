@@ -30,12 +30,16 @@ class ModelRef:
 
 
 def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
-    """MODEL → the artifact and its `ferray.json`, without loading Keras on the driver."""
+    """MODEL → the artifact and its `ferray.json`, without loading Keras on the driver. `MODEL#member_N` is
+    one member of an ensemble, with the TTA and temperature it had alone."""
     from ferray.model import artifact
+    from ferray.model.backbones import split_member
+    from ferray.model.ensemble import MEMBER_PREFIX
     from ferray.model.registry import RegistryError, resolve
 
+    whole, member = split_member(model)
     try:
-        target = str(artifact.default_model_dir()) if model == artifact.DEFAULT else resolve(model, storage)
+        target = str(artifact.default_model_dir()) if whole == artifact.DEFAULT else resolve(whole, storage)
     except RegistryError as error:
         raise artifact.ModelError(str(error)) from None
     folder = target.rsplit("/", 1)[0] if target.endswith(".keras") else target
@@ -45,6 +49,9 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
         raise artifact.ModelError(f"no model at {model}: need {artifact.MODEL_FILE} and {artifact.META_FILE}")
     meta = io.read_json(meta_uri, storage)
     artifact.check_labels(model, meta)  # here, on the driver: not as a failed actor once Ray has started
+    if member is not None:
+        meta = artifact.member_meta(model, meta, member)
+        target = f"{target}#{MEMBER_PREFIX}{member}"
     version = artifact.Artifact(uri=folder, model=None, meta=meta).version
     inference = meta.get("inference", {})
     return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")),
@@ -60,9 +67,7 @@ def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSetti
     if settings.runtime != "tflite":
         return model
     precision = settings.lite_precision if settings.lite_precision != "auto" else (model.lite_choice or "float32")
-    folder = model.uri.rsplit("/", 1)[0] if model.uri.endswith(".keras") else model.uri
-    keras_uri = model.uri if model.uri.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
-    sha = lite.model_sha256(keras_uri, storage)
+    folder, sha = lite.graph_key(model.uri, storage)
     found = lite.find(folder, sha, precision, storage)  # type: ignore[arg-type]
     if (found is None and precision in lite.NEEDS_CALIBRATION
             and not io.exists(io.join(folder, lite.CALIBRATION_FILE), storage)):

@@ -232,21 +232,33 @@ def load(uri: str, storage: StorageSettings) -> Artifact:
 def _member(whole: Artifact, index: int) -> Artifact:
     from ferray.model.ensemble import MEMBER_PREFIX, members
 
-    described = whole.meta.get("members") or []
+    meta = member_meta(whole.uri, whole.meta, index)
     nested = {layer.name: layer for layer in members(whole.model) if layer.name.startswith(MEMBER_PREFIX)}
     name = f"{MEMBER_PREFIX}{index}"
-    if name not in nested or index >= len(described):
+    if name not in nested:
         raise ModelError(f"{whole.uri} has no {name} (members: {', '.join(sorted(nested)) or 'none, not an ensemble'})")
+    return Artifact(uri=f"{whole.uri}#{name}", model=nested[name], meta=meta)
+
+
+def member_meta(uri: str, whole: dict[str, Any], index: int) -> dict[str, Any]:
+    """The `ferray.json` member `index` of the ensemble `whole` has as a model of its own (read from the
+    ensemble's metadata alone, so the annotate driver resolves `MODEL#member_N` without Keras)."""
+    from ferray.model.ensemble import MEMBER_PREFIX
+
+    described = whole.get("members") or []
+    if index >= len(described):
+        names = ", ".join(f"{MEMBER_PREFIX}{k}" for k in range(len(described))) or "none, not an ensemble"
+        raise ModelError(f"{uri} has no {MEMBER_PREFIX}{index} (members: {names})")
     own = described[index]
-    meta = {key: value for key, value in whole.meta.items() if key not in ("members", "metrics", "inference")}
+    meta = {key: value for key, value in whole.items() if key not in ("members", "metrics", "inference")}
     meta.update(
-        version=own["version"], experiment=own.get("experiment"), backbone=whole.meta["backbone"]["members"][index],
+        version=own["version"], experiment=own.get("experiment"), backbone=whole["backbone"]["members"][index],
         inference=own.get("inference") or {}, metrics={"val_accuracy": own.get("val_accuracy"),
                                                        "test_accuracy": own.get("test_accuracy")},
         # What names it wherever it is read from: the ensemble it was taken from, and its own fingerprint there.
-        member_of={"fingerprint": fingerprint(whole.meta), "member": index, "member_fingerprint": own["fingerprint"]},
+        member_of={"fingerprint": fingerprint(whole), "member": index, "member_fingerprint": own["fingerprint"]},
     )
-    return Artifact(uri=f"{whole.uri}#{name}", model=nested[name], meta=meta)
+    return meta
 
 
 def _load(uri: str, storage: StorageSettings) -> Artifact:

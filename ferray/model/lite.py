@@ -33,6 +33,22 @@ def model_sha256(model_uri: str, storage: StorageSettings) -> str:
     return file_sha256(io.fetch_cached(model_uri, storage))
 
 
+def graph_key(model_uri: str, storage: StorageSettings) -> tuple[str, str]:
+    """(the artifact's folder, what its graph is keyed by): model.keras's sha256, or for `MODEL#member_N`
+    the sha256 of that and the member's name, so a member's graph sits beside its ensemble's."""
+    import hashlib
+
+    from ferray.model import artifact
+    from ferray.model.backbones import split_member
+
+    target, member = split_member(model_uri)
+    folder = target.rsplit("/", 1)[0] if target.endswith(".keras") else target
+    sha = model_sha256(target if target.endswith(".keras") else io.join(folder, artifact.MODEL_FILE), storage)
+    if member is None:
+        return folder, sha
+    return folder, hashlib.sha256(f"{sha}{model_uri[len(target):]}".encode()).hexdigest()
+
+
 def lite_name(sha256: str, precision: Precision) -> str:
     return f"model-{sha256[:16]}.{precision}.tflite"
 
@@ -118,9 +134,7 @@ def export(model_uri: str, storage: StorageSettings, precision: Precision = "flo
     int8 without `representative` calibrates on the artifact's own faces (CALIBRATION_FILE) when it has them."""
     from ferray.model import artifact
 
-    folder = model_uri.rsplit("/", 1)[0] if model_uri.endswith(".keras") else model_uri
-    keras_uri = model_uri if model_uri.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
-    sha = model_sha256(keras_uri, storage)
+    folder, sha = graph_key(model_uri, storage)
     found = None if force else find(folder, sha, precision, storage, cache_dir)
     if found:
         return found
