@@ -109,9 +109,10 @@ class FacesSettings(Section):
     """Dlib detection and alignment (owned by ferray.faces)."""
 
     # A name in ferray.faces.DETECTORS. HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector,
-    # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. BlazeFace: MediaPipe's, on
-    # LiteRT; finds the most faces. `auto`: each command's own choice (ferray.faces.AUTO_DETECTOR;
-    # align: hog, the paper's; annotate: blazeface).
+    # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. BlazeFace: MediaPipe's
+    # back-camera model, on LiteRT; finds the most faces. blazeface_short: its short-range model in
+    # smaller tiles, the same faces found for less detection on the photo bench. `auto`: each command's
+    # own choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's; annotate: blazeface).
     detector: str = "auto"
     # Each step doubles the image before detection: it halves the smallest face found and multiplies
     # the detection time; 48×48 face crops need one (figures: docs/settings.md).

