@@ -72,6 +72,9 @@ def fit_class_offsets(probs: np.ndarray, labels: np.ndarray) -> list[float] | No
     recall for theirs (logit adjustment). Macro-F1 is a step function of b, so the search is coordinate
     ascent on OFFSET_GRID, a class at a time, OFFSET_SWEEPS times; a move is kept only if it raises macro-F1,
     so b stays 0 where nothing is gained. The argmax, and so accuracy, ignores the temperature applied after.
+    A kept move goes to the middle of the interval of b that labels every row alike (`_centred`): the first
+    grid point past a step lies within one step of it, where the rounding of another runtime or of float16
+    weights would undo the gain.
     """
     if len(labels) == 0:
         raise InputError("no labelled rows to fit class offsets on")
@@ -87,13 +90,31 @@ def fit_class_offsets(probs: np.ndarray, labels: np.ndarray) -> list[float] | No
                 trial[cls] = value
                 score = macro_f1(log_p + trial, labels)
                 if score > best + 1e-9:
+                    trial[cls] = _centred(log_p, trial, cls)
                     best, offsets, moved = score, trial, True
         if not moved:
             break
     if best <= start:
         return None
+    # A later class's move narrows an earlier one's interval: centre them all again, which labels alike.
+    for _ in range(OFFSET_SWEEPS):
+        for cls in np.flatnonzero(offsets):
+            offsets[cls] = _centred(log_p, offsets, int(cls))
     log.info("calibration: class offsets %s raise val macro-F1 %.4f -> %.4f", np.round(offsets, 3).tolist(), start, best)
     return [float(v) for v in offsets]
+
+
+def _centred(log_p: np.ndarray, offsets: np.ndarray, cls: int) -> float:
+    """The middle of the interval of offsets[cls], inside OFFSET_GRID's range, over which no row's argmax
+    changes: row i takes class `cls` exactly when offsets[cls] passes its best other class's shifted log p
+    minus its own log p."""
+    others = np.delete(log_p + offsets, cls, axis=1).max(axis=1)
+    steps = others - log_p[:, cls]
+    value = offsets[cls]
+    below, above = steps[steps < value], steps[steps >= value]
+    low = max(float(below.max()) if below.size else -np.inf, float(OFFSET_GRID[0]))
+    high = min(float(above.min()) if above.size else np.inf, float(OFFSET_GRID[-1]))
+    return (low + high) / 2
 
 
 @dataclass(frozen=True)
