@@ -34,24 +34,20 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
     one member of an ensemble, with the TTA and temperature it had alone."""
     from ferray.model import artifact
     from ferray.model.backbones import split_member
-    from ferray.model.ensemble import MEMBER_PREFIX
     from ferray.model.registry import RegistryError, resolve
 
-    whole, member = split_member(model)
+    whole, _ = split_member(model)
     try:
         target = str(artifact.default_model_dir()) if whole == artifact.DEFAULT else resolve(whole, storage)
     except RegistryError as error:
         raise artifact.ModelError(str(error)) from None
-    folder = target.rsplit("/", 1)[0] if target.endswith(".keras") else target
-    model_uri = target if target.endswith(".keras") else io.join(folder, artifact.MODEL_FILE)
-    meta_uri = io.join(folder, artifact.META_FILE)
-    if not io.exists(model_uri, storage) or not io.exists(meta_uri, storage):
+    target += model[len(whole):]  # the `#member_N`, if any
+    folder, model_uri = artifact.files(target)
+    if not io.exists(model_uri, storage) or not io.exists(io.join(folder, artifact.META_FILE), storage):
         raise artifact.ModelError(f"no model at {model}: need {artifact.MODEL_FILE} and {artifact.META_FILE}")
-    meta = io.read_json(meta_uri, storage)
-    artifact.check_labels(model, meta)  # here, on the driver: not as a failed actor once Ray has started
-    if member is not None:
-        meta = artifact.member_meta(model, meta, member)
-        target = f"{target}#{MEMBER_PREFIX}{member}"
+    # Here, on the driver: not as a failed actor once Ray has started.
+    artifact.check_labels(model, io.read_json(io.join(folder, artifact.META_FILE), storage))
+    _, meta = artifact.read_meta(target, storage)
     version = artifact.Artifact(uri=folder, model=None, meta=meta).version
     inference = meta.get("inference", {})
     return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")),

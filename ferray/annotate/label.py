@@ -47,13 +47,7 @@ class Labeller:
     def _lite(job: Job) -> Any:
         from ferray.model import artifact, lite
 
-        from ferray.model.backbones import split_member
-
-        target, member = split_member(job.model.uri)
-        folder = target.rsplit("/", 1)[0] if target.endswith(".keras") else target
-        meta = io.read_json(io.join(folder, artifact.META_FILE), job.storage)
-        if member is not None:  # its own TTA and temperature
-            meta = artifact.member_meta(job.model.uri, meta, member)
+        folder, meta = artifact.read_meta(job.model.uri, job.storage)  # a member: its own TTA and temperature
         _check_version(artifact.Artifact(uri=folder, model=None, meta=meta).version, job)
         uri = job.model.lite_uri
         if uri is None or not io.exists(uri, job.storage):  # not on this machine yet: converted once, here

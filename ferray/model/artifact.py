@@ -240,6 +240,28 @@ def _member(whole: Artifact, index: int) -> Artifact:
     return Artifact(uri=f"{whole.uri}#{name}", model=nested[name], meta=meta)
 
 
+def files(uri: str) -> tuple[str, str]:
+    """(folder, model file) of a resolved artifact URI: its folder or its `.keras`, with or without
+    `#member_N` (a member lives in its ensemble's files)."""
+    from ferray.model.backbones import split_member
+
+    target = split_member(uri)[0]
+    if target.endswith(".keras"):
+        return target.rsplit("/", 1)[0], target
+    return target, io.join(target, MODEL_FILE)
+
+
+def read_meta(uri: str, storage: StorageSettings) -> tuple[str, dict[str, Any]]:
+    """(folder, `ferray.json`) of a resolved artifact URI without Keras; for `MODEL#member_N` the metadata
+    that member has as a model of its own (its TTA, temperature and version)."""
+    from ferray.model.backbones import split_member
+
+    folder, _ = files(uri)
+    meta = io.read_json(io.join(folder, META_FILE), storage)
+    member = split_member(uri)[1]
+    return folder, (meta if member is None else member_meta(uri, meta, member))
+
+
 def member_meta(uri: str, whole: dict[str, Any], index: int) -> dict[str, Any]:
     """The `ferray.json` member `index` of the ensemble `whole` has as a model of its own (read from the
     ensemble's metadata alone, so the annotate driver resolves `MODEL#member_N` without Keras)."""

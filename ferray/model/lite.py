@@ -42,8 +42,8 @@ def graph_key(model_uri: str, storage: StorageSettings) -> tuple[str, str]:
     from ferray.model.backbones import split_member
 
     target, member = split_member(model_uri)
-    folder = target.rsplit("/", 1)[0] if target.endswith(".keras") else target
-    sha = model_sha256(target if target.endswith(".keras") else io.join(folder, artifact.MODEL_FILE), storage)
+    folder, model_file = artifact.files(model_uri)
+    sha = model_sha256(model_file, storage)
     if member is None:
         return folder, sha
     return folder, hashlib.sha256(f"{sha}{model_uri[len(target):]}".encode()).hexdigest()
