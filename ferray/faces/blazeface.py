@@ -21,7 +21,6 @@ from ferray.faces.models import Fetch, MissingModelError
 
 # The faces wanted at upsample 0 are those from HOG's reach (80 px), as for the other detectors.
 BLAZE_REACH = 80
-MIN_SCORE = 0.5
 NMS_IOU = 0.3
 # Tiles overlap by the largest face a tile is sized for, so no face wanted is cut by every tile.
 _OVERLAP = 2.0
@@ -42,6 +41,11 @@ class Variant(NamedTuple):
     # mapped onto HOG's, as Dlib's 5-point predictor was trained on those.
     width_ratio: float
     centre_down: float
+    # The lowest face score kept. Annotate detects on the grey picture the grey classifier is given (a JPEG
+    # decodes its luma alone), and grey lowers these colour-trained models' scores; lower thresholds find
+    # more of the photo bench's faces but give as many more pictures a second, false face
+    # (`bench/blazeface_models.py --min-scores`, docs/benchmarks-annotate.md), so both keep MediaPipe's 0.5.
+    min_score: float = 0.5
 
 
 BACK = Variant("face_detection_back.tflite", 256, ((16, 2), (32, 6)), 24, 1.0, -0.033)
@@ -117,7 +121,7 @@ class Blazeface:
         if not found:
             return []
         rects = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in found]
-        keep = cv2.dnn.NMSBoxes(rects, scores, MIN_SCORE, NMS_IOU)
+        keep = cv2.dnn.NMSBoxes(rects, scores, self._variant.min_score, NMS_IOU)
         return [hog_like(*found[k], self._variant) for k in np.asarray(keep).ravel()]
 
     def _detect(self, rgb: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
@@ -133,7 +137,8 @@ class Blazeface:
         self._interpreter.set_tensor(self._input, tensor)
         self._interpreter.invoke()
         logits = self._interpreter.get_tensor(self._scores)[0, :, 0]
-        chosen = np.flatnonzero(logits > math.log(MIN_SCORE / (1 - MIN_SCORE)))
+        least = self._variant.min_score
+        chosen = np.flatnonzero(logits > math.log(least / (1 - least)))
         if not chosen.size:
             return []
         raw = self._interpreter.get_tensor(self._boxes)[0, chosen, :4] / side
