@@ -110,13 +110,18 @@ class Blazeface:
 
     def __call__(self, image: np.ndarray, upsample: int) -> list[Box]:
         height, width = image.shape[:2]
-        rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
         side = max(1, round(self._variant.input * self.reach(upsample) / self._variant.sees))
+        # Every tile is min(side, longest edge) on its longer side, so all share one scale: the picture is
+        # resized once (grey stays one channel) and cut into tiles of the model's input, rather than each
+        # overlapping tile resized in colour (a third of detection's time).
+        scale = self._variant.input / min(side, max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         found: list[tuple[float, float, float, float]] = []
         scores: list[float] = []
-        for top, left, h, w in tiles(height, width, side):
-            for box, score in self._detect(rgb[top:top + h, left:left + w]):
-                found.append((box[0] + left, box[1] + top, box[2] + left, box[3] + top))
+        for top, left, h, w in tiles(size[1], size[0], self._variant.input):
+            for box, score in self._detect(small[top:top + h, left:left + w]):
+                found.append(tuple((v + offset) / scale for v, offset in zip(box, (left, top, left, top))))
                 scores.append(score)
         if not found:
             return []
@@ -124,16 +129,15 @@ class Blazeface:
         keep = cv2.dnn.NMSBoxes(rects, scores, self._variant.min_score, NMS_IOU)
         return [hog_like(*found[k], self._variant) for k in np.asarray(keep).ravel()]
 
-    def _detect(self, rgb: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
-        """Boxes (corners, in this window's px) and scores, letterboxed into the model's input."""
-        h, w = rgb.shape[:2]
+    def _detect(self, window: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        """Boxes (corners, in this window's px) and scores of a grey or RGB window at most the model's input,
+        letterboxed into it."""
+        h, w = window.shape[:2]
         side = self._variant.input
-        scale = side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         tensor = np.zeros((1, side, side, 3), np.float32)
-        pad_y, pad_x = (side - size[1]) // 2, (side - size[0]) // 2
-        tensor[0, pad_y:pad_y + size[1], pad_x:pad_x + size[0]] = small * (2 / 255) - 1
+        pad_y, pad_x = (side - h) // 2, (side - w) // 2
+        pixels = window * np.float32(2 / 255) - 1
+        tensor[0, pad_y:pad_y + h, pad_x:pad_x + w] = pixels[..., None] if window.ndim == 2 else pixels
         self._interpreter.set_tensor(self._input, tensor)
         self._interpreter.invoke()
         logits = self._interpreter.get_tensor(self._scores)[0, :, 0]
@@ -146,7 +150,6 @@ class Blazeface:
         half = raw[:, 2:4] / 2
         corners = np.concatenate([centre - half, centre + half], axis=1) * side
         corners -= (pad_x, pad_y, pad_x, pad_y)
-        corners /= scale
         probs = 1 / (1 + np.exp(-np.clip(logits[chosen], -80, 80)))
         return [(tuple(float(v) for v in c), float(p)) for c, p in zip(corners, probs) if c[2] > c[0] and c[3] > c[1]]
 
