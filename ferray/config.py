@@ -278,8 +278,10 @@ class AnnotateSettings(Placement):
     # artifact's own `calibration.npz`, or an export beforehand) and is ~2.4x faster on CPUs with VNNI.
     # `auto`: the precision the model's ferray.json names (`inference.lite_precision`, checked against
     # Keras on val when the model was made), else float32 (figures: docs/benchmarks-annotate.md).
+    # `cascade` (an ensemble that names one, `ferray.model.cascade`): a member's int8 graph first, the
+    # whole float graph only for the faces whose first-pass margin is under the model's fitted margin.
     runtime: Literal["keras", "tflite"] = "tflite"
-    lite_precision: Literal["auto", "float32", "float16", "int8"] = "auto"
+    lite_precision: Literal["auto", "float32", "float16", "int8", "cascade"] = "auto"
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
     # model loaded on every CPU); `split` detects on CPU actors and classifies on their own actors:
     # with num_gpus > 0 one per GPU share, else one per `label_every` CPUs holding no CPU of its own
@@ -470,8 +472,10 @@ class EnsembleSettings(Section):
     weights: Literal["float32", "float16"] = "float16"
     # The LiteRT graph annotate runs by default (`inference.lite_precision`). int8: calibrated on train
     # faces stored beside the model (calibration.npz), kept only if its val accuracy is within
-    # `lite_max_drop` of the Keras model's; else float32.
-    lite_precision: Literal["float32", "int8"] = "float32"
+    # `lite_max_drop` of the Keras model's; else float32. cascade: each member's int8 graph tried as a
+    # first pass (`ferray.model.cascade`), the one sending the fewest val faces on to the whole model
+    # within `lite_max_drop` kept.
+    lite_precision: Literal["float32", "int8", "cascade"] = "float32"
     lite_max_drop: float = Field(default=0.003, ge=0.0, le=1.0)
     # Train faces (drawn at random, seed 0) that calibrate the int8 graph's activation ranges: with 500 an
     # ensemble lost 0.53 points on val, with 2,000 0.36 or less; more costs only export time.

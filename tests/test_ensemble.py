@@ -219,6 +219,60 @@ def test_an_int8_choice_travels_with_the_model(aligned: str, model_dir: Path, se
     np.testing.assert_allclose(here.predict(faces), there.predict(faces), atol=1e-6)
 
 
+def test_a_cascade_travels_with_the_model_and_annotate_runs_it(aligned: str, built: Path, model_dir: Path,
+                                                               second_member: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ensemble.lite_precision: cascade`: a member's int8 graph first, fitted on val, written into ferray.json
+    with its calibration faces; on a machine with only those files annotate's labeller runs the first pass
+    and sends exactly the faces under the margin through the whole float graph."""
+    from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
+    from ferray.annotate.label import Labeller
+    from ferray.model import cascade
+
+    monkeypatch.setenv("FERRAY_ENSEMBLE__LITE_PRECISION", "cascade")
+    monkeypatch.setenv("FERRAY_ENSEMBLE__LITE_MAX_DROP", "0.15")  # 7 val faces: one flipped label is 14 points
+    monkeypatch.setenv("FERRAY_ENSEMBLE__CALIBRATION_FACES", "16")
+    out = tmp_path / "cascade"
+    assert main(["ensemble", aligned, str(out), "--members", str(model_dir), str(second_member),
+                 "--log-level", "WARNING"]) == 0
+    meta = json.loads((out / artifacts.META_FILE).read_text())
+    report = meta["metrics"]["lite"]
+    assert meta["inference"]["lite_precision"] == report["precision"] == "cascade"
+    assert report["member"] in (0, 1) and report["calibration_faces"] == 16 and 0.0 <= report["val_escalated"] < 1.0
+    assert report["val_accuracy"] >= report["val_whole_accuracy"] - 0.15
+    assert len(np.load(out / lite.CALIBRATION_FILE)["faces"]) == 16
+    # Another machine with the artifact's three files; a margin that splits the sample faces in two.
+    faces, _ = sample_faces()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (artifacts.MODEL_FILE, artifacts.META_FILE, lite.CALIBRATION_FILE):
+        (copy / name).write_bytes((out / name).read_bytes())
+    chosen = cascade.Cascade.from_meta(meta)
+    assert chosen is not None
+    first = lite.LiteModel(lite.export(f"{copy}#{ensemble.MEMBER_PREFIX}{chosen.member}", STORAGE, "int8"), meta, STORAGE)
+    first_probs = cascade.first_pass(first.raw(faces), meta["inference"])
+    margin = float(np.median(cascade.margins(first_probs)))
+    meta["inference"]["cascade"]["margin"] = margin
+    (copy / artifacts.META_FILE).write_text(json.dumps(meta))
+    settings = load_settings(annotate={"runtime": "tflite"})
+    ref = with_lite(resolve_model(str(copy), STORAGE), settings.annotate, STORAGE)
+    assert ref.lite_precision == "cascade"
+    job_faces = face_settings(settings.faces, ref)
+    job = Job(str(copy), "", STORAGE, job_faces, settings.annotate, ref, run_key(ref, job_faces, settings.annotate))
+    model = Labeller(job).model
+    assert isinstance(model, lite.CascadeModel)
+    whole = lite.LiteModel(lite.export(str(copy), STORAGE, "float32"), meta, STORAGE).predict(faces)
+    got = model.predict(faces)
+    sent = cascade.margins(first_probs) < margin
+    assert 0 < sent.sum() < len(faces)
+    np.testing.assert_allclose(got[sent], whole[sent], atol=1e-6)
+    np.testing.assert_allclose(got[~sent], first_probs[~sent], atol=1e-6)
+    # A model that names no cascade is refused on the driver, before any actor starts.
+    forced = settings.annotate.model_copy(update={"lite_precision": "cascade"})
+    with pytest.raises(ModelError, match="names no cascade"):
+        with_lite(resolve_model(str(built), STORAGE), forced, STORAGE)
+
+
 def test_class_offsets_fitted_on_val_travel_with_the_ensemble(aligned: str, built: Path, model_dir: Path,
                                                               second_member: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,12 +58,21 @@ def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSetti
     """The model with its LiteRT graph looked up (annotate.runtime tflite) at its precision (`auto`: the one
     the artifact names, checked against Keras when it was made; else float32). A graph missing here is
     exported by the labeller; int8 needs calibration faces: the artifact's own, or an export beforehand."""
-    from ferray.model import artifact, lite
+    from ferray.model import artifact, cascade, lite
 
     if settings.runtime != "tflite":
         return model
     precision = settings.lite_precision if settings.lite_precision != "auto" else (model.lite_choice or "float32")
     folder, sha = lite.graph_key(model.uri, storage)
+    if precision == cascade.PRECISION:
+        if cascade.Cascade.from_meta(artifact.read_meta(model.uri, storage)[1]) is None:
+            raise artifact.ModelError(f"{model.uri} names no cascade (`inference.cascade`): make one with "
+                                      f"`python -m ferray.model.cascade MODEL ALIGNED`, or choose another lite_precision")
+        if not io.exists(io.join(folder, lite.CALIBRATION_FILE), storage):
+            raise artifact.ModelError(f"{model.uri} has a cascade but no {lite.CALIBRATION_FILE} to calibrate its int8 first pass")
+        # The whole model's float graph; the first pass's int8 graph is found or exported by the labeller.
+        return dataclasses.replace(model, sha256=sha, lite_uri=lite.find(folder, sha, "float32", storage),
+                                   lite_precision=precision)
     found = lite.find(folder, sha, precision, storage)  # type: ignore[arg-type]
     if (found is None and precision in lite.NEEDS_CALIBRATION
             and not io.exists(io.join(folder, lite.CALIBRATION_FILE), storage)):

@@ -21,6 +21,7 @@ import numpy as np
 from ferray.config import Settings
 from ferray.errors import InputError, ModelError
 from ferray.model import artifact as artifacts
+from ferray.model import cascade
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,11 @@ class EnsembleResult:
         lines.append(f"  mean (flip TTA {self.flip_tta}{offsets}, T {self.temperature:.3f}): val {percent(self.val_accuracy)}, "
                      f"test {percent(self.test_accuracy)}; macro-F1 val {percent(self.val_macro_f1)}, "
                      f"test {percent(self.test_macro_f1)}")
-        if self.lite:
+        if self.lite and "member" in self.lite:  # a cascade (ferray.model.cascade)
+            lines.append(f"  annotate's LiteRT graphs: {self.lite['precision']} (member {self.lite['member']} in int8 first, "
+                         f"{percent(self.lite['val_escalated'])} of val sent on: val {percent(self.lite['val_accuracy'])}, "
+                         f"test {percent(self.lite['test_accuracy'])})")
+        elif self.lite:
             int8 = self.lite["int8"]
             lines.append(f"  annotate's LiteRT graph: {self.lite['precision']} (int8: val {percent(int8['val_accuracy'])}, "
                          f"test {percent(int8['test_accuracy'])}, labels as Keras's on {percent(int8['test_agreement'])} of test)")
@@ -218,11 +223,15 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
         member_scores=member_scores, seconds=round(time.perf_counter() - started, 1))
     meta["metrics"] = {k: v for k, v in result.to_dict().items() if k not in ("model_out", "members", "seconds", "size_mb")}
     result.size_mb = round(artifacts.save(model, meta, model_out, storage, weights=options.weights) / 1e6, 2)
-    if options.lite_precision == "int8":
-        # The int8 graph is converted from the saved artifact, so ferray.json is written again with its verdict.
-        meta["metrics"]["lite"] = check_int8(model_out, meta, faces, calibrated, storage, options.lite_max_drop,
-                                              options.calibration_faces)
-        meta["inference"]["lite_precision"] = meta["metrics"]["lite"]["precision"]
+    if options.lite_precision in ("int8", "cascade"):
+        # Its graphs are converted from the saved artifact, so ferray.json is written again with the verdict.
+        if options.lite_precision == "int8":
+            meta["metrics"]["lite"] = check_int8(model_out, meta, faces, calibrated, storage, options.lite_max_drop,
+                                                  options.calibration_faces)
+            meta["inference"]["lite_precision"] = meta["metrics"]["lite"]["precision"]
+        else:
+            meta["metrics"]["lite"] = cascade.choose(model_out, meta, faces, calibrated, storage, options.lite_max_drop,
+                                                     options.calibration_faces)
         io.write_json(io.join(model_out, artifacts.META_FILE), meta, storage)
         result.lite = meta["metrics"]["lite"]
     log.info("ensemble: %d members -> %s: val %.4f, test %s (flip TTA %s, T %.3f)", len(loaded), model_out,

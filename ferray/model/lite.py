@@ -170,6 +170,10 @@ class LiteModel:
         """Probabilities for raw aligned faces (N, s, s, c)."""
         return apply_inference(lambda x: self._raw(x, batch_size), faces, self.meta, flip_tta)
 
+    def raw(self, faces: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The graph's own probabilities, no TTA, offsets or temperature."""
+        return self._raw(faces, batch_size)
+
     def _raw(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
         parts = [self._invoke(np.ascontiguousarray(faces[i : i + batch_size], np.float32))
                  for i in range(0, len(faces), batch_size)]
@@ -183,6 +187,21 @@ class LiteModel:
         self.interpreter.set_tensor(self.input["index"], batch)
         self.interpreter.invoke()
         return np.array(self.interpreter.get_tensor(self.output["index"]), np.float32)
+
+
+class CascadeModel:
+    """`ferray.model.cascade` at annotate time: a member's int8 graph first, the whole float graph for the
+    faces it is unsure of; predicts like LiteModel."""
+
+    def __init__(self, first: LiteModel, whole: LiteModel, margin: float) -> None:
+        self.first, self.whole, self.margin = first, whole, margin
+        self.uri, self.meta = whole.uri, whole.meta
+
+    def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
+        from ferray.model import cascade
+
+        first = cascade.first_pass(self.first.raw(faces, batch_size), self.meta.get("inference", {}))
+        return cascade.combine(first, faces, lambda sent: self.whole.predict(sent, batch_size, flip_tta), self.margin)
 
 
 def sample_calibration(faces: np.ndarray, count: int) -> np.ndarray:
