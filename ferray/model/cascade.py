@@ -68,8 +68,9 @@ def fit(first: np.ndarray, whole: np.ndarray, labels: np.ndarray, max_drop: floa
     """The margin that sends the fewest val faces on while val accuracy stays within `max_drop` of the
     whole model's. Faces are sent on in order of rising margin; the threshold sits halfway between the
     last face sent and the first kept, so that another runtime's rounding does not move a face across."""
-    order = np.argsort(margins(first), kind="stable")
-    sorted_margins = margins(first)[order]
+    each = margins(first)
+    order = np.argsort(each, kind="stable")
+    sorted_margins = each[order]
     right_first = (first.argmax(1) == labels)[order].astype(np.int64)
     right_whole = (whole.argmax(1) == labels)[order].astype(np.int64)
     n = len(labels)
@@ -98,7 +99,7 @@ def combine(first: np.ndarray, faces: np.ndarray, whole: Callable[[np.ndarray], 
 
 
 def choose(model_out: str, meta: dict[str, Any], faces: dict[str, Any], whole: dict[str, np.ndarray], storage: Any,
-           max_drop: float, count: int, calibration: np.ndarray | None = None) -> dict[str, Any]:
+           max_drop: float, count: int) -> dict[str, Any]:
     """Fit a cascade for each member of the ensemble at MODEL_OUT (its int8 graph calibrated on `count`
     train faces stored beside the model), keep the one that sends the fewest val faces on, and say so in
     `meta` (`inference.cascade`, `inference.lite_precision`). `whole`: the whole model's probabilities on
@@ -109,7 +110,7 @@ def choose(model_out: str, meta: dict[str, Any], faces: dict[str, Any], whole: d
     members = len(meta.get("members") or [])
     if members < 2:
         raise ValueError(f"a cascade needs an ensemble; {model_out} has {members} members")
-    chosen = lite.sample_calibration(faces["train"].x if calibration is None else calibration, count)
+    chosen = lite.sample_calibration(faces["train"].x, count)
     lite.save_calibration(model_out, chosen, storage)
     inference = meta.get("inference", {})
     fits: list[tuple[Fit, dict[str, np.ndarray]]] = []
