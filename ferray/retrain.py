@@ -22,7 +22,7 @@ from ferray import pipeline
 from ferray.config import ConfigError, DataSource, Settings, StorageSettings
 from ferray.data import io
 from ferray.errors import InputError
-from ferray.model import META_FILE, MODEL_FILE
+from ferray.model import CALIBRATION_FILE, META_FILE, MODEL_FILE
 from ferray.model.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ CANDIDATE_DIR = "candidate"
 # What a registry version holds: the artifact, and the training run's metrics and history for the
 # record. Not the rest of the training folder: its `_checkpoints/` keeps every earlier run's, and
 # would be copied into every version.
-PUBLISHED_FILES = (MODEL_FILE, META_FILE, "metrics.json", "history.json")
+PUBLISHED_FILES = (MODEL_FILE, META_FILE, CALIBRATION_FILE, "metrics.json", "history.json")
 
 
 @dataclass(frozen=True)

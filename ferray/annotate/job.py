@@ -27,6 +27,7 @@ class ModelRef:
     lite_uri: str | None = None  # the LiteRT graph found on the driver; None: the labeller exports it
     lite_precision: str = "float32"  # the graph's precision: annotate.lite_precision, `auto` resolved
     lite_choice: str | None = None  # the artifact's own `inference.lite_precision`, if it names one
+    has_cascade: bool = False  # the artifact names a cascade (`inference.cascade`, ferray.model.cascade)
 
 
 def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
@@ -51,7 +52,8 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
     version = artifact.Artifact(uri=folder, model=None, meta=meta).version
     inference = meta.get("inference", {})
     return ModelRef(target, version, int(meta.get("face_size", 48)), str(meta.get("face_color", "gray")),
-                    bool(inference.get("flip_tta", False)), lite_choice=inference.get("lite_precision"))
+                    bool(inference.get("flip_tta", False)), lite_choice=inference.get("lite_precision"),
+                    has_cascade=bool(inference.get("cascade")))
 
 
 def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSettings) -> ModelRef:
@@ -63,19 +65,25 @@ def with_lite(model: ModelRef, settings: AnnotateSettings, storage: StorageSetti
     if settings.runtime != "tflite":
         return model
     precision = settings.lite_precision if settings.lite_precision != "auto" else (model.lite_choice or "float32")
-    folder, sha = lite.graph_key(model.uri, storage)
+    folder, _ = artifact.files(model.uri)
+    calibrated = io.exists(io.join(folder, lite.CALIBRATION_FILE), storage)
     if precision == cascade.PRECISION:
-        if cascade.Cascade.from_meta(artifact.read_meta(model.uri, storage)[1]) is None:
+        if not model.has_cascade:
             raise artifact.ModelError(f"{model.uri} names no cascade (`inference.cascade`): make one with "
                                       f"`python -m ferray.model.cascade MODEL ALIGNED`, or choose another lite_precision")
-        if not io.exists(io.join(folder, lite.CALIBRATION_FILE), storage):
-            raise artifact.ModelError(f"{model.uri} has a cascade but no {lite.CALIBRATION_FILE} to calibrate its int8 first pass")
-        # The whole model's float graph; the first pass's int8 graph is found or exported by the labeller.
-        return dataclasses.replace(model, sha256=sha, lite_uri=lite.find(folder, sha, "float32", storage),
-                                   lite_precision=precision)
+        if calibrated:  # the members' graphs are found or exported by the labeller
+            folder, sha = lite.graph_key(model.uri, storage)
+            return dataclasses.replace(model, sha256=sha, lite_uri=None, lite_precision=precision)
+        if settings.lite_precision == cascade.PRECISION:
+            raise artifact.ModelError(f"{model.uri} has a cascade but no {lite.CALIBRATION_FILE} to calibrate its int8 "
+                                      f"passes: copy it with the model, or set annotate.lite_precision: float32")
+        # The artifact's two files alone (SPEC's model artifact): the same labels, at the whole model's cost.
+        log.warning("annotate: %s names a cascade but has no %s: labelling with the whole float32 graph",
+                    model.uri, lite.CALIBRATION_FILE)
+        precision = "float32"
+    folder, sha = lite.graph_key(model.uri, storage, precision)
     found = lite.find(folder, sha, precision, storage)  # type: ignore[arg-type]
-    if (found is None and precision in lite.NEEDS_CALIBRATION
-            and not io.exists(io.join(folder, lite.CALIBRATION_FILE), storage)):
+    if found is None and precision in lite.NEEDS_CALIBRATION and not calibrated:
         raise artifact.ModelError(f"no int8 graph of {model.uri}: export one with `python -m ferray.model.lite "
                                   f"{model.uri} --precision int8 --calibration ALIGNED_SHARDS`")
     return dataclasses.replace(model, sha256=sha, lite_uri=found, lite_precision=precision)

@@ -51,16 +51,16 @@ class Labeller:
         folder, meta = artifact.read_meta(job.model.uri, job.storage)  # a member: its own TTA and temperature
         _check_version(artifact.Artifact(uri=folder, model=None, meta=meta).version, job)
         threads = max(1, int(job.settings.num_cpus))
-        uri = job.model.lite_uri
-        precision = "float32" if job.model.lite_precision == cascade.PRECISION else job.model.lite_precision
-        if uri is None or not io.exists(uri, job.storage):  # not on this machine yet: converted once, here
-            uri = lite.export(job.model.uri, job.storage, precision)  # type: ignore[arg-type]
-        whole = lite.LiteModel(uri, meta, job.storage, threads=threads)
         chosen = cascade.Cascade.from_meta(meta) if job.model.lite_precision == cascade.PRECISION else None
-        if chosen is None:
-            return whole
-        first_uri = lite.export(f"{job.model.uri}#{MEMBER_PREFIX}{chosen.member}", job.storage, chosen.precision)  # type: ignore[arg-type]
-        return lite.CascadeModel(lite.LiteModel(first_uri, meta, job.storage, threads=threads), whole, chosen.margin)
+        if chosen is not None:  # each member's graphs, found here or converted once, here
+            graphs = {(k, p): lite.LiteModel(lite.export(f"{job.model.uri}#{MEMBER_PREFIX}{k}", job.storage, p),  # type: ignore[arg-type]
+                                             meta, job.storage, threads=threads)
+                      for k, p in chosen.graphs(len(meta.get("members") or []))}
+            return lite.CascadeModel(chosen, graphs, meta)
+        uri = job.model.lite_uri
+        if uri is None or not io.exists(uri, job.storage):  # not on this machine yet: converted once, here
+            uri = lite.export(job.model.uri, job.storage, job.model.lite_precision)  # type: ignore[arg-type]
+        return lite.LiteModel(uri, meta, job.storage, threads=threads)
 
     def __call__(self, drafts: pa.Table) -> pa.Table:
         size, n = self.job.model.face_size, drafts.num_rows

@@ -3,6 +3,9 @@
 # An artifact folder's two files (SPEC: Model artifact); every module that reads or writes one uses these.
 MODEL_FILE = "model.keras"
 META_FILE = "ferray.json"
+# Optional beside them: the faces that calibrate the model's int8 LiteRT graphs (ferray.model.lite), so any
+# machine exports the same graphs. Whatever copies or publishes a model carries it when it is there.
+CALIBRATION_FILE = "calibration.npz"
 # `backbone.weights: artifact:MODEL` reuses the backbone of a ferray model.
 ARTIFACT_PREFIX = "artifact:"
 

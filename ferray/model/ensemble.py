@@ -111,9 +111,11 @@ class EnsembleResult:
         lines.append(f"  mean (flip TTA {self.flip_tta}{offsets}, T {self.temperature:.3f}): val {percent(self.val_accuracy)}, "
                      f"test {percent(self.test_accuracy)}; macro-F1 val {percent(self.val_macro_f1)}, "
                      f"test {percent(self.test_macro_f1)}")
-        if self.lite and "member" in self.lite:  # a cascade (ferray.model.cascade)
-            lines.append(f"  annotate's LiteRT graphs: {self.lite['precision']} (member {self.lite['member']} in int8 first, "
-                         f"{percent(self.lite['val_escalated'])} of val sent on: val {percent(self.lite['val_accuracy'])}, "
+        if self.lite and "passes" in self.lite:  # a cascade (ferray.model.cascade)
+            passes = ", ".join(f"{MEMBER_PREFIX}{p['member']} {p['precision']}" for p in self.lite["passes"])
+            lines.append(f"  annotate's LiteRT graphs: {self.lite['precision']} ({passes}, then the whole model on "
+                         f"{percent(self.lite['val_reached'][-1])} of val; {self.lite['val_ms']:.2f} against "
+                         f"{self.lite['whole_ms']:.2f} CPU ms a face: val {percent(self.lite['val_accuracy'])}, "
                          f"test {percent(self.lite['test_accuracy'])})")
         elif self.lite:
             int8 = self.lite["int8"]
@@ -133,8 +135,7 @@ def check_int8(model_out: str, meta: dict[str, Any], faces: dict[str, Any], kera
     Keras model's own probabilities, and choose it for annotate only if val loses at most `max_drop`."""
     from ferray.model import lite
 
-    chosen = lite.sample_calibration(faces["train"].x, count)
-    lite.save_calibration(model_out, chosen, storage)
+    chosen = lite.store_calibration(model_out, faces["train"].x, count, storage)
     graph = lite.LiteModel(lite.export(model_out, storage, "int8"), meta, storage, threads=2)
     report: dict[str, Any] = {}
     for split in ("val", "test"):
@@ -230,7 +231,7 @@ def run(settings: Settings, source: str, model_out: str) -> EnsembleResult:
                                                   options.calibration_faces)
             meta["inference"]["lite_precision"] = meta["metrics"]["lite"]["precision"]
         else:
-            meta["metrics"]["lite"] = cascade.choose(model_out, meta, faces, calibrated, storage, options.lite_max_drop,
+            meta["metrics"]["lite"] = cascade.choose(model_out, meta, faces, storage, options.lite_max_drop,
                                                      options.calibration_faces)
         io.write_json(io.join(model_out, artifacts.META_FILE), meta, storage)
         result.lite = meta["metrics"]["lite"]

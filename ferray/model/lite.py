@@ -14,6 +14,7 @@ import numpy as np
 from ferray.config import StorageSettings
 from ferray.data import io
 from ferray.errors import ModelError
+from ferray.model import CALIBRATION_FILE
 from ferray.model.artifact import apply_inference
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,8 @@ log = logging.getLogger(__name__)
 Precision = Literal["float32", "float16", "int8"]
 # int8 needs representative faces to calibrate its activations; the float graphs need nothing but the model.
 NEEDS_CALIBRATION: frozenset[str] = frozenset({"int8"})
-# An artifact may carry its own calibration faces (raw uint8, N×s×s×c), so that its int8 graph can be
-# exported on any machine, with no dataset at hand, and comes out the same wherever it is made.
-CALIBRATION_FILE = "calibration.npz"
+# An artifact may carry its own calibration faces (raw uint8, N×s×s×c, CALIBRATION_FILE), so that its int8
+# graph can be exported on any machine, with no dataset at hand, and comes out the same wherever it is made.
 
 
 def model_sha256(model_uri: str, storage: StorageSettings) -> str:
@@ -33,20 +33,24 @@ def model_sha256(model_uri: str, storage: StorageSettings) -> str:
     return file_sha256(io.fetch_cached(model_uri, storage))
 
 
-def graph_key(model_uri: str, storage: StorageSettings) -> tuple[str, str]:
-    """(the artifact's folder, what its graph is keyed by): model.keras's sha256, or for `MODEL#member_N`
-    the sha256 of that and the member's name, so a member's graph sits beside its ensemble's."""
+def graph_key(model_uri: str, storage: StorageSettings, precision: str = "float32") -> tuple[str, str]:
+    """(the artifact's folder, what its graph at `precision` is keyed by): model.keras's sha256, or for
+    `MODEL#member_N` the sha256 of that and the member's name, so a member's graph sits beside its
+    ensemble's. An int8 graph calibrated on the artifact's own faces is keyed by those too: other
+    calibration faces make another graph."""
     import hashlib
 
     from ferray.model import artifact
-    from ferray.model.backbones import split_member
+    from ferray.model.backbones import file_sha256, split_member
 
     target, member = split_member(model_uri)
     folder, model_file = artifact.files(model_uri)
     sha = model_sha256(model_file, storage)
-    if member is None:
-        return folder, sha
-    return folder, hashlib.sha256(f"{sha}{model_uri[len(target):]}".encode()).hexdigest()
+    parts = [sha] if member is None else [sha, model_uri[len(target):]]
+    calibration = io.join(folder, CALIBRATION_FILE)
+    if precision in NEEDS_CALIBRATION and io.exists(calibration, storage):
+        parts.append(file_sha256(io.fetch_cached(calibration, storage)))
+    return folder, sha if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def lite_name(sha256: str, precision: Precision) -> str:
@@ -83,6 +87,13 @@ def save_calibration(folder: str, faces: np.ndarray, storage: StorageSettings) -
     buffer = pyio.BytesIO()
     np.savez_compressed(buffer, faces=np.asarray(faces, np.uint8))
     io.write_bytes_atomic(io.join(folder, CALIBRATION_FILE), buffer.getvalue(), storage)
+
+
+def store_calibration(folder: str, faces: np.ndarray, count: int, storage: StorageSettings) -> np.ndarray:
+    """`sample_calibration` of `faces`, stored beside the artifact at `folder`; returns them."""
+    chosen = sample_calibration(faces, count)
+    save_calibration(folder, chosen, storage)
+    return chosen
 
 
 def load_calibration(folder: str, storage: StorageSettings) -> np.ndarray | None:
@@ -134,7 +145,7 @@ def export(model_uri: str, storage: StorageSettings, precision: Precision = "flo
     int8 without `representative` calibrates on the artifact's own faces (CALIBRATION_FILE) when it has them."""
     from ferray.model import artifact
 
-    folder, sha = graph_key(model_uri, storage)
+    folder, sha = graph_key(model_uri, storage, precision)
     found = None if force else find(folder, sha, precision, storage, cache_dir)
     if found:
         return found
@@ -174,6 +185,12 @@ class LiteModel:
         """The graph's own probabilities, no TTA, offsets or temperature."""
         return self._raw(faces, batch_size)
 
+    def member_raw(self, faces: np.ndarray, flip: bool, batch_size: int = 256) -> np.ndarray:
+        """The graph's probabilities with the mirrored faces' averaged in when `flip`: one member's share of
+        an ensemble's mean, before the ensemble's offsets and temperature."""
+        probs = self._raw(faces, batch_size)
+        return (probs + self._raw(np.ascontiguousarray(faces[:, :, ::-1]), batch_size)) / 2.0 if flip else probs
+
     def _raw(self, faces: np.ndarray, batch_size: int) -> np.ndarray:
         parts = [self._invoke(np.ascontiguousarray(faces[i : i + batch_size], np.float32))
                  for i in range(0, len(faces), batch_size)]
@@ -190,18 +207,22 @@ class LiteModel:
 
 
 class CascadeModel:
-    """`ferray.model.cascade` at annotate time: a member's int8 graph first, the whole float graph for the
-    faces it is unsure of; predicts like LiteModel."""
+    """`ferray.model.cascade` at annotate time: the members' graphs run pass by pass on the faces still unsure;
+    predicts like LiteModel."""
 
-    def __init__(self, first: LiteModel, whole: LiteModel, margin: float) -> None:
-        self.first, self.whole, self.margin = first, whole, margin
-        self.uri, self.meta = whole.uri, whole.meta
+    def __init__(self, cascade: Any, graphs: dict[tuple[int, str], LiteModel], meta: dict[str, Any]) -> None:
+        self.cascade, self.graphs, self.meta = cascade, graphs, meta
+        self.members = len(meta.get("members") or [])
+        self.uri = next(iter(graphs.values())).uri
 
     def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
         from ferray.model import cascade
 
-        first = cascade.first_pass(self.first.raw(faces, batch_size), self.meta.get("inference", {}))
-        return cascade.combine(first, faces, lambda sent: self.whole.predict(sent, batch_size, flip_tta), self.margin)
+        inference = self.meta.get("inference", {})
+        flip = bool(inference.get("flip_tta") if flip_tta is None else flip_tta)
+        probs, _ = cascade.run(self.cascade, len(faces), self.members,
+                               lambda k, p, rows: self.graphs[(k, p)].member_raw(faces[rows], flip, batch_size), inference)
+        return probs
 
 
 def sample_calibration(faces: np.ndarray, count: int) -> np.ndarray:
