@@ -111,7 +111,8 @@ class FacesSettings(Section):
     # A name in ferray.faces.DETECTORS. HOG: Dlib's fast CPU frontal detector. MMOD: its CNN detector,
     # more poses, slow without CUDA. YuNet: libfacedetection's small CNN. BlazeFace: MediaPipe's
     # back-camera model, on LiteRT; finds the most faces. blazeface_short: its short-range model in
-    # smaller tiles, the same faces found for less detection on the photo bench. `auto`: each command's
+    # smaller tiles, the same faces found for less detection on the photo bench. blazeface_cascade: the
+    # short-range model, and the back-camera one on pictures where it found none. `auto`: each command's
     # own choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's; annotate: blazeface).
     detector: str = "auto"
     # Each step doubles the image before detection: it halves the smallest face found and multiplies

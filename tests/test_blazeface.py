@@ -20,7 +20,8 @@ from test_faces import SAMPLES, load_face
 
 HOG = FacesSettings()
 BLAZE = HOG.model_copy(update={"detector": "blazeface"})
-BY_NAME = {"blazeface": VARIANTS["back"], "blazeface_short": VARIANTS["short_range"]}
+BY_NAME = {"blazeface": VARIANTS["back"], "blazeface_short": VARIANTS["short_range"],
+           "blazeface_cascade": VARIANTS["short_range"]}  # the short-range model first
 
 
 def test_tiles_cover_the_picture_and_overlap_by_the_largest_face_they_are_sized_for() -> None:
@@ -48,6 +49,24 @@ def test_a_small_face_in_a_large_picture_is_found_in_its_tile(name: str, variant
     assert len(tiles(1080, 1920, side)) > 1
     (box,) = blaze(frame, 0)
     assert 1480 <= box.left and box.right <= 1640 and 680 <= box.top and box.bottom <= 840, box
+
+
+def test_the_cascade_runs_the_back_camera_model_only_where_the_short_range_one_finds_nothing() -> None:
+    """blazeface_cascade: the short-range model's boxes wherever it finds a face; elsewhere the back-camera
+    model's. Here a short-range model that keeps no score (min_score 0.9999) stands for a missed face."""
+    from ferray.faces.blazeface import BACK, SHORT_RANGE, Blazeface, ShortThenBack
+
+    frame = np.full((480, 640), 110, np.uint8)
+    frame[100:260, 200:360] = cv2.resize(load_face(SAMPLES[0]), (160, 160), interpolation=cv2.INTER_CUBIC)
+    short, back = Blazeface(model_path(SHORT_RANGE), SHORT_RANGE), Blazeface(model_path(BACK), BACK)
+    found_short, found_back = short(frame, 0), back(frame, 0)
+    assert len(found_short) == len(found_back) == 1 and found_short != found_back  # two models, two boxes
+    assert ShortThenBack(short, back)(frame, 0) == found_short
+    blind = Blazeface(model_path(SHORT_RANGE), SHORT_RANGE._replace(min_score=0.9999))
+    assert blind(frame, 0) == []
+    assert ShortThenBack(blind, back)(frame, 0) == found_back
+    assert ShortThenBack(short, back)(np.full((480, 640), 110, np.uint8), 0) == []  # no face: both tried, none found
+    assert faces.load_detector(BLAZE.model_copy(update={"detector": "blazeface_cascade"}))(frame, 0) == found_short
 
 
 @pytest.mark.parametrize("variant", VARIANTS.values())

@@ -29,7 +29,7 @@ def iou(a: faces.Box, b: faces.Box) -> float:
 
 
 @pytest.mark.parametrize(("name", "reach"), [("yunet", YUNET_REACH), ("blazeface", BLAZE_REACH),
-                                             ("blazeface_short", BLAZE_REACH)])
+                                             ("blazeface_short", BLAZE_REACH), ("blazeface_cascade", BLAZE_REACH)])
 def test_cnn_detectors_find_the_faces_hog_finds_with_boxes_close_to_hogs(name: str, reach: int) -> None:
     """YuNet and BlazeFace (tests/test_blazeface.py) against HOG: boxes mapped onto HOG's, same landmarks."""
     hog, cnn = faces.load_detector(HOG), faces.load_detector(HOG.model_copy(update={"detector": name}))

@@ -17,6 +17,7 @@ DETECTORS: dict[str, str] = {
     "yunet": "ferray.faces.yunet:load",
     "blazeface": "ferray.faces.blazeface:load",
     "blazeface_short": "ferray.faces.blazeface:load_short_range",
+    "blazeface_cascade": "ferray.faces.blazeface:load_short_then_back",
 }
 
 # `faces.detector: auto` (the default) is the detector each command measured best for its input:

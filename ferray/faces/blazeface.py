@@ -157,6 +157,21 @@ class Blazeface:
         return BLAZE_REACH / 2**upsample
 
 
+class ShortThenBack:
+    """The short-range model on every picture, the back-camera model only on pictures where it found no face:
+    the short-range model's misses are faces whose grey score falls just under 0.5 (docs/benchmarks-annotate.md),
+    and most pictures of a photo archive hold a face, so the second model runs on few of them."""
+
+    def __init__(self, short: Blazeface, back: Blazeface) -> None:
+        self._short, self._back = short, back
+
+    def __call__(self, image: np.ndarray, upsample: int) -> list[Box]:
+        return self._short(image, upsample) or self._back(image, upsample)
+
+    def reach(self, upsample: int) -> float:
+        return BLAZE_REACH / 2**upsample
+
+
 def _load(variant: Variant, settings: FacesSettings) -> Blazeface:
     if settings.detector_model is not None:
         raise MissingModelError(f"faces.detector_model: {settings.detector}'s model comes from its wheel; unset it")
@@ -171,3 +186,8 @@ def load(settings: FacesSettings, fetch: Fetch | None = None) -> Blazeface:
 def load_short_range(settings: FacesSettings, fetch: Fetch | None = None) -> Blazeface:
     """`faces.detector: blazeface_short`: the short-range model."""
     return _load(SHORT_RANGE, settings)
+
+
+def load_short_then_back(settings: FacesSettings, fetch: Fetch | None = None) -> ShortThenBack:
+    """`faces.detector: blazeface_cascade`: the short-range model, the back-camera one where it finds nothing."""
+    return ShortThenBack(_load(SHORT_RANGE, settings), _load(BACK, settings))
