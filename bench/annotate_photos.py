@@ -1,7 +1,7 @@
 """`ferray annotate` against `fer` on an archive of ordinary photos: throughput, faces, accuracy, CPU split.
 
 Usage:
-  .venv/bin/python bench/annotate_photos.py [--images 1000] [--scale 10] [--configs hog:keras yunet:tflite]
+  .venv/bin/python bench/annotate_photos.py [--images 1000] [--scale 10] [--configs hog:keras yunet:tflite:float32]
                                             [--equal-min-face 80] [--fer-site /tmp/fer-site] [--work DIR]
                                             [--no-scale] [--split-images 200]
 
@@ -215,11 +215,13 @@ def _split_line(name: str, split: dict[str, float]) -> str:
 def config_settings(config: str, min_face: int | None = None) -> Any:
     from ferray.config import load_settings
 
-    detector, _, runtime = config.partition(":")
+    detector, _, rest = config.partition(":")
+    runtime, _, precision = rest.partition(":")
     faces: dict[str, Any] = {"detector": detector}
     if min_face is not None:
         faces["min_face_px"] = min_face
-    return load_settings(ray={"progress_bars": False}, faces=faces, annotate={"runtime": runtime or "keras"})
+    annotate = {"runtime": runtime or "keras", **({"lite_precision": precision} if precision else {})}
+    return load_settings(ray={"progress_bars": False}, faces=faces, annotate=annotate)
 
 
 def main() -> None:
@@ -227,7 +229,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="N")
     parser.add_argument("--scale", type=int, default=10, help="the large archive holds scale × N photos")
     parser.add_argument("--no-scale", action="store_true", help="only the N archive")
-    parser.add_argument("--configs", nargs="+", default=["hog:keras", "yunet:tflite"], help="detector:runtime")
+    parser.add_argument("--configs", nargs="+", default=["hog:keras", "yunet:tflite"],
+                        help="detector:runtime[:lite_precision] (the model's own precision when not given)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--fer-site", default="/tmp/fer-site")
     parser.add_argument("--fer-processes", type=int, default=2)

@@ -113,7 +113,7 @@ class FacesSettings(Section):
     # back-camera model, on LiteRT; finds the most faces. blazeface_short: its short-range model in
     # smaller tiles, the same faces found for less detection on the photo bench. blazeface_cascade: the
     # short-range model, and the back-camera one on pictures where it found none. `auto`: each command's
-    # own choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's; annotate: blazeface).
+    # own choice (ferray.faces.AUTO_DETECTOR; align: hog, the paper's; annotate: blazeface_cascade).
     detector: str = "auto"
     # Each step doubles the image before detection: it halves the smallest face found and multiplies
     # the detection time; 48×48 face crops need one (figures: docs/settings.md).
@@ -279,8 +279,9 @@ class AnnotateSettings(Placement):
     # artifact's own `calibration.npz`, or an export beforehand) and is ~2.4x faster on CPUs with VNNI.
     # `auto`: the precision the model's ferray.json names (`inference.lite_precision`, checked against
     # Keras on val when the model was made), else float32 (figures: docs/benchmarks-annotate.md).
-    # `cascade` (an ensemble that names one, `ferray.model.cascade`): a member's int8 graph first, the
-    # whole float graph only for the faces whose first-pass margin is under the model's fitted margin.
+    # `cascade` (an ensemble that names one, `ferray.model.cascade`): the members' graphs pass by pass,
+    # each face leaving at the first pass sure of it, the rest through every member in float32 (the
+    # shipped default: 2.9 against 7.4 ms a face); without the model's calibration.npz `auto` runs float32.
     runtime: Literal["keras", "tflite"] = "tflite"
     lite_precision: Literal["auto", "float32", "float16", "int8", "cascade"] = "auto"
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (TensorFlow and the
@@ -473,9 +474,9 @@ class EnsembleSettings(Section):
     weights: Literal["float32", "float16"] = "float16"
     # The LiteRT graph annotate runs by default (`inference.lite_precision`). int8: calibrated on train
     # faces stored beside the model (calibration.npz), kept only if its val accuracy is within
-    # `lite_max_drop` of the Keras model's; else float32. cascade: each member's int8 graph tried as a
-    # first pass (`ferray.model.cascade`), the one sending the fewest val faces on to the whole model
-    # within `lite_max_drop` kept.
+    # `lite_max_drop` of the Keras model's; else float32. cascade: every order of the members' int8 and
+    # float32 graphs tried as passes (`ferray.model.cascade`), each graph timed here; the order with the
+    # least CPU a face whose val accuracy stays within `lite_max_drop` of the whole model's kept.
     lite_precision: Literal["float32", "int8", "cascade"] = "float32"
     lite_max_drop: float = Field(default=0.003, ge=0.0, le=1.0)
     # Train faces (drawn at random, seed 0) that calibrate the int8 graph's activation ranges: with 500 an

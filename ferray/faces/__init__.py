@@ -23,7 +23,7 @@ DETECTORS: dict[str, str] = {
 # `faces.detector: auto` (the default) is the detector each command measured best for its input:
 # the paper's HOG for `ferray align` on the datasets' face crops; for `ferray annotate` on photos and
 # video frames the one chosen by the annotation bench (docs/benchmarks-annotate.md).
-AUTO_DETECTOR: dict[str, str] = {"align": "hog", "annotate": "blazeface"}
+AUTO_DETECTOR: dict[str, str] = {"align": "hog", "annotate": "blazeface_cascade"}
 
 _EXPORTS: dict[str, str] = {
     "ferray.faces.models": "Fetch LANDMARK_MODEL_FILES MissingModelError bundled_models_dir resolve_model",
