@@ -248,17 +248,15 @@ def test_a_cascade_travels_with_the_model_and_annotate_runs_it(aligned: str, bui
         assert report["val_accuracy"] >= report["val_whole_accuracy"] - 0.15 and report["val_ms"] < report["whole_ms"]
     else:  # no order cheaper than the whole model on the fixture's few val faces
         assert "cascade" not in meta["inference"]
-    # Another machine with the artifact's three files; one int8 pass whose margin splits the sample faces in two.
+    # A copy of the artifact's three files and the member graphs `ferray ensemble` converted beside them (the
+    # conversion on another machine is test_an_int8_choice_travels_with_the_model's), with a cascade of one
+    # int8 pass: the labeller runs the graphs it finds there; a margin splitting the sample faces is then set.
     faces, _ = sample_faces()
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in (artifacts.MODEL_FILE, artifacts.META_FILE, lite.CALIBRATION_FILE):
+    for name in (artifacts.MODEL_FILE, artifacts.META_FILE, lite.CALIBRATION_FILE, *(p.name for p in out.glob("*.tflite"))):
         (copy / name).write_bytes((out / name).read_bytes())
-    first = lite.LiteModel(lite.export(f"{copy}#{ensemble.MEMBER_PREFIX}1", STORAGE, "int8"), meta, STORAGE)
-    flip = bool(meta["inference"].get("flip_tta"))
-    estimate = cascade.prefix_estimates([(1, "int8")], {(1, "int8"): first.member_raw(faces, flip)}, meta["inference"])[0]
-    margin = float(np.median(cascade.margins(estimate)))
-    meta["inference"]["cascade"] = cascade.Cascade((cascade.Pass(1, "int8", margin),)).to_dict()
+    meta["inference"]["cascade"] = cascade.Cascade((cascade.Pass(1, "int8", 0.5),)).to_dict()
     meta["inference"]["lite_precision"] = "cascade"
     (copy / artifacts.META_FILE).write_text(json.dumps(meta))
     settings = load_settings(annotate={"runtime": "tflite"})
@@ -267,12 +265,20 @@ def test_a_cascade_travels_with_the_model_and_annotate_runs_it(aligned: str, bui
     job_faces = face_settings(settings.faces, ref)
     job = Job(str(copy), "", STORAGE, job_faces, settings.annotate, ref, run_key(ref, job_faces, settings.annotate))
     model = Labeller(job).model
-    assert isinstance(model, lite.CascadeModel)
-    whole = lite.LiteModel(lite.export(str(copy), STORAGE, "float32"), meta, STORAGE).predict(faces)
-    got = model.predict(faces)
+    assert isinstance(model, lite.CascadeModel) and model.cascade == cascade.Cascade.from_meta(meta)
+    assert set(model.graphs) == {(1, "int8"), (0, "float32"), (1, "float32")}
+    assert all(Path(graph.uri).parent == copy for graph in model.graphs.values())
+    flip = bool(meta["inference"].get("flip_tta"))
+    raw = {key: graph.member_raw(faces, flip) for key, graph in model.graphs.items()}
+    estimate = cascade.prefix_estimates([(1, "int8")], raw, meta["inference"])[0]
+    margin = float(np.median(cascade.margins(estimate)))
+    split = lite.CascadeModel(cascade.Cascade((cascade.Pass(1, "int8", margin),)), model.graphs, meta)
+    got = split.predict(faces)
     sent = cascade.margins(estimate) < margin
     assert 0 < sent.sum() < len(faces)
-    np.testing.assert_allclose(got[sent], whole[sent], atol=1e-5)
+    # The faces sent on get the whole model: the Keras ensemble's probabilities, from the members' float graphs.
+    whole = artifacts.load(str(copy), STORAGE).predict(faces)
+    np.testing.assert_allclose(got[sent], whole[sent], atol=1e-4)
     np.testing.assert_allclose(got[~sent], estimate[~sent], atol=1e-6)
     # The artifact's two files alone: `auto` labels with the whole float graph and says why; asked for by name,
     # the cascade is refused on the driver.

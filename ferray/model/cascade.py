@@ -94,10 +94,10 @@ def run(cascade: Cascade, n: int, members: int, compute: Compute, inference: dic
     reached: list[float] = []
 
     def run_graph(member: int, precision: str) -> None:
-        raw = np.asarray(compute(member, precision, active), np.float32)
         known = seen.get(member)
         if known is not None and known[0] == "float32":  # an int8 output never replaces a float32 one
             return
+        raw = np.asarray(compute(member, precision, active), np.float32)
         full = known[1] if known is not None else np.zeros((n, raw.shape[1]), np.float32)
         full[active] = raw
         seen[member] = (precision, full)
@@ -266,7 +266,8 @@ def choose(model_out: str, meta: dict[str, Any], faces: dict[str, Any], storage:
     cost: dict[tuple[int, str], float] = {}
     for k in range(members):
         for precision in FIRST_PASS_PRECISIONS:
-            graph = lite.LiteModel(lite.export(f"{model_out}#{MEMBER_PREFIX}{k}", storage, precision, force=True),  # type: ignore[arg-type]
+            # Keyed by model.keras and the calibration faces just stored: a graph found is this one.
+            graph = lite.LiteModel(lite.export(f"{model_out}#{MEMBER_PREFIX}{k}", storage, precision),  # type: ignore[arg-type]
                                    meta, storage, threads=1)
             for split in raw:
                 raw[split][(k, precision)] = graph.member_raw(faces[split].x.astype(np.float32), flip)
