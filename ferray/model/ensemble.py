@@ -111,7 +111,10 @@ class EnsembleResult:
         lines.append(f"  mean (flip TTA {self.flip_tta}{offsets}, T {self.temperature:.3f}): val {percent(self.val_accuracy)}, "
                      f"test {percent(self.test_accuracy)}; macro-F1 val {percent(self.val_macro_f1)}, "
                      f"test {percent(self.test_macro_f1)}")
-        if self.lite and "passes" in self.lite:  # a cascade (ferray.model.cascade)
+        if self.lite and "passes" in self.lite and self.lite["precision"] != cascade.PRECISION:
+            lines.append(f"  annotate's LiteRT graph: {self.lite['precision']} (no cascade cheaper than the whole "
+                         f"model within ensemble.lite_max_drop of its val accuracy)")
+        elif self.lite and "passes" in self.lite:  # a cascade (ferray.model.cascade)
             passes = ", ".join(f"{MEMBER_PREFIX}{p['member']} {p['precision']}" for p in self.lite["passes"])
             lines.append(f"  annotate's LiteRT graphs: {self.lite['precision']} ({passes}, then the whole model on "
                          f"{percent(self.lite['val_reached'][-1])} of val; {self.lite['val_ms']:.2f} against "
