@@ -99,3 +99,25 @@ def test_calibration_faces_are_a_fixed_draw_of_the_train_split(sample_aligned: s
     assert len(every) == 21 and len(np.unique(every.reshape(len(every), -1), axis=0)) == len(every)
     with pytest.raises(artifact.ModelError, match="no ok `nosuch` faces"):
         lite.calibration_faces(sample_aligned, STORAGE, 5, split="nosuch")
+
+
+def test_annotates_driver_and_detect_actors_never_import_tensorflow() -> None:
+    """Resolving MODEL (and `MODEL#member_N`), choosing its LiteRT graphs and setting up a detect actor import
+    neither Keras nor TensorFlow (about 4 CPU-s in every process that does)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from ferray.annotate.detect import FaceFinder\n"
+            "from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite\n"
+            "from ferray.config import load_settings\n"
+            "settings = load_settings(annotate={'runtime': 'tflite'})\n"
+            "storage = settings.storage.resolved()\n"
+            "for model in ('default', 'default#member_1'):\n"
+            "    ref = with_lite(resolve_model(model, storage), settings.annotate, storage)\n"
+            "    faces = face_settings(settings.faces, ref)\n"
+            "    FaceFinder(Job('/tmp', '', storage, faces, settings.annotate, ref, run_key(ref, faces, settings.annotate)))\n"
+            "loaded = [m for m in ('keras', 'tensorflow') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

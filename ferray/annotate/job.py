@@ -34,7 +34,7 @@ def resolve_model(model: str, storage: StorageSettings) -> ModelRef:
     """MODEL → the artifact and its `ferray.json`, without loading Keras on the driver. `MODEL#member_N` is
     one member of an ensemble, with the TTA and temperature it had alone."""
     from ferray.model import artifact
-    from ferray.model.backbones import split_member
+    from ferray.model.names import split_member
     from ferray.model.registry import RegistryError, resolve
 
     whole, _ = split_member(model)

@@ -149,7 +149,7 @@ def predictions_table(rows: scoring.Rows, probs: np.ndarray) -> pa.Table:
 
 
 def _model_identity(artifact: artifacts.Artifact, training: str | None, storage: StorageSettings) -> dict[str, Any]:
-    from ferray.model.backbones import file_sha256, split_member
+    from ferray.model.names import file_sha256, split_member
 
     meta = artifact.meta
     folder, _ = split_member(artifact.uri)  # `MODEL#member_N`: the ensemble's file, named with the member

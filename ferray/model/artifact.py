@@ -221,7 +221,7 @@ def load(uri: str, storage: StorageSettings) -> Artifact:
 
     `MODEL#member_N` is member N of an ensemble MODEL as a model of its own (with the TTA and temperature it
     had alone), so an ensemble's members can join another ensemble or teach without their own folders."""
-    from ferray.model.backbones import split_member
+    from ferray.model.names import split_member
 
     target, member = split_member(uri)
     if member is not None:
@@ -243,7 +243,7 @@ def _member(whole: Artifact, index: int) -> Artifact:
 def files(uri: str) -> tuple[str, str]:
     """(folder, model file) of a resolved artifact URI: its folder or its `.keras`, with or without
     `#member_N` (a member lives in its ensemble's files)."""
-    from ferray.model.backbones import split_member
+    from ferray.model.names import split_member
 
     target = split_member(uri)[0]
     if target.endswith(".keras"):
@@ -254,7 +254,7 @@ def files(uri: str) -> tuple[str, str]:
 def read_meta(uri: str, storage: StorageSettings) -> tuple[str, dict[str, Any]]:
     """(folder, `ferray.json`) of a resolved artifact URI without Keras; for `MODEL#member_N` the metadata
     that member has as a model of its own (its TTA, temperature and version)."""
-    from ferray.model.backbones import split_member
+    from ferray.model.names import split_member
 
     folder, _ = files(uri)
     meta = io.read_json(io.join(folder, META_FILE), storage)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import keras
 from ferray.config import BackboneSettings
 from ferray.errors import FerrayError
 from ferray.model import ARTIFACT_PREFIX, BACKBONES, META_FILE, MODEL_FILE
+from ferray.model.names import file_sha256, split_member  # noqa: F401 (re-exported: callers that load Keras anyway)
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +61,6 @@ def spec(name: str) -> Backbone:
     return getattr(importlib.import_module(module), attr)
 
 
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) since B7's file is 260 MB."""
-    stat = os.stat(path)
-    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
-
-
 def _md5(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as file:
@@ -114,14 +98,6 @@ def lite0_cache_dir(settings: BackboneSettings) -> Path:
 
 
 # -- weight resolution -----------------------------------------------------------------------------
-
-
-def split_member(target: str) -> tuple[str, int | None]:
-    """`PATH#member_N` → (PATH, N): the backbone of one member of an ensemble artifact; else (target, None)."""
-    from ferray.model.ensemble import MEMBER_PREFIX
-
-    found = re.fullmatch(rf"(.+)#{MEMBER_PREFIX}(\d+)", target)
-    return (found[1], int(found[2])) if found else (target, None)
 
 
 def _artifact_model_file(target: str, fetch: Fetch | None) -> Path:

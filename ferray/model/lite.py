@@ -28,7 +28,7 @@ NEEDS_CALIBRATION: frozenset[str] = frozenset({"int8"})
 
 def model_sha256(model_uri: str, storage: StorageSettings) -> str:
     """sha256 of `model.keras`: what a LiteRT graph is keyed by (a retrained model gets its own graph)."""
-    from ferray.model.backbones import file_sha256
+    from ferray.model.names import file_sha256
 
     return file_sha256(io.fetch_cached(model_uri, storage))
 
@@ -41,7 +41,7 @@ def graph_key(model_uri: str, storage: StorageSettings, precision: str = "float3
     import hashlib
 
     from ferray.model import artifact
-    from ferray.model.backbones import file_sha256, split_member
+    from ferray.model.names import file_sha256, split_member
 
     target, member = split_member(model_uri)
     folder, model_file = artifact.files(model_uri)
