@@ -23,7 +23,6 @@ from ferray.annotate.job import resolve_model
 from ferray.config import load_settings
 from ferray.evaluate.command import accuracy_and_macro_f1
 from ferray.model import artifact, cascade, lite
-from ferray.model.ensemble import MEMBER_PREFIX
 from ferray.training import tune
 
 log = logging.getLogger("bench.cascade")
@@ -61,9 +60,8 @@ def main() -> None:
     x = {s: faces[s].x.astype(np.float32) for s in ("val", "test")}
     y = {s: faces[s].y for s in ("val", "test")}
     whole = lite.LiteModel(lite.export(ref.uri, storage, "float32"), meta, storage, threads=1)
-    graphs = {(k, p): lite.LiteModel(lite.export(f"{ref.uri}#{MEMBER_PREFIX}{k}", storage, p), meta, storage, threads=1)  # type: ignore[arg-type]
-              for k, p in chosen.graphs(members)}
-    model = lite.CascadeModel(chosen, graphs, meta)
+    model = lite.CascadeModel.load(ref.uri, chosen, meta, storage)
+    graphs = model.graphs
     print(f"{args.model}: {chosen.to_dict()}")
     flip = bool(meta["inference"].get("flip_tta"))
     for split in ("val", "test"):

@@ -46,17 +46,13 @@ class Labeller:
     @staticmethod
     def _lite(job: Job) -> Any:
         from ferray.model import artifact, cascade, lite
-        from ferray.model.ensemble import MEMBER_PREFIX
 
         folder, meta = artifact.read_meta(job.model.uri, job.storage)  # a member: its own TTA and temperature
         _check_version(artifact.Artifact(uri=folder, model=None, meta=meta).version, job)
         threads = max(1, int(job.settings.num_cpus))
         chosen = cascade.Cascade.from_meta(meta) if job.model.lite_precision == cascade.PRECISION else None
         if chosen is not None:  # each member's graphs, found here or converted once, here
-            graphs = {(k, p): lite.LiteModel(lite.export(f"{job.model.uri}#{MEMBER_PREFIX}{k}", job.storage, p),  # type: ignore[arg-type]
-                                             meta, job.storage, threads=threads)
-                      for k, p in chosen.graphs(len(meta.get("members") or []))}
-            return lite.CascadeModel(chosen, graphs, meta)
+            return lite.CascadeModel.load(job.model.uri, chosen, meta, job.storage, threads)
         uri = job.model.lite_uri
         if uri is None or not io.exists(uri, job.storage):  # not on this machine yet: converted once, here
             uri = lite.export(job.model.uri, job.storage, job.model.lite_precision)  # type: ignore[arg-type]

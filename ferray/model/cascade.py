@@ -33,7 +33,7 @@ from ferray.model import head
 log = logging.getLogger(__name__)
 
 PRECISION = "cascade"  # what `inference.lite_precision` / `annotate.lite_precision` call it
-FIRST_PASS_PRECISIONS = ("int8", "float32")
+PASS_PRECISIONS = ("int8", "float32")
 # Computes one member's raw probabilities (its own TTA applied) at a precision for the faces at `rows`.
 Compute = Callable[[int, str, np.ndarray], np.ndarray]
 
@@ -79,15 +79,16 @@ def margins(probs: np.ndarray) -> np.ndarray:
     return top[:, -1] - top[:, -2]
 
 
-def recipe(inference: dict[str, Any]) -> dict[str, Any]:
-    """The ensemble's recipe without its TTA, which is applied to each member's output before the mean."""
-    return {k: v for k, v in inference.items() if k != "flip_tta"}
+def estimate(outputs: Sequence[np.ndarray], inference: dict[str, Any]) -> np.ndarray:
+    """The ensemble's recipe (class offsets, temperature) on the mean of members' raw outputs; its TTA is
+    each member's own, applied before the mean."""
+    steps = {k: v for k, v in inference.items() if k != "flip_tta"}
+    return head.apply_recipe(np.mean(outputs, axis=0), steps).astype(np.float32)
 
 
 def run(cascade: Cascade, n: int, members: int, compute: Compute, inference: dict[str, Any]
         ) -> tuple[np.ndarray, list[float]]:
     """The cascade's probabilities for n faces, and the share of faces each pass, then the whole model, ran on."""
-    steps = recipe(inference)
     seen: dict[int, tuple[str, np.ndarray]] = {}  # member -> (its most precise graph so far, raw rows of all n)
     out: np.ndarray | None = None
     active = np.arange(n)
@@ -102,51 +103,43 @@ def run(cascade: Cascade, n: int, members: int, compute: Compute, inference: dic
         full[active] = raw
         seen[member] = (precision, full)
 
-    def estimate() -> np.ndarray:
-        nonlocal out
-        mean = np.mean([raw[active] for _, raw in seen.values()], axis=0)
-        probs = head.apply_recipe(mean, steps).astype(np.float32)
-        if out is None:
-            out = np.zeros((n, probs.shape[1]), np.float32)
-        return probs
+    def settle(leave: np.ndarray | None) -> None:
+        """The estimate of the faces still unsure, given to those leaving (all of them when `leave` is None)."""
+        nonlocal out, active
+        probs = estimate([raw[active] for _, raw in seen.values()], inference)
+        out = np.zeros((n, probs.shape[1]), np.float32) if out is None else out
+        chosen = np.ones(len(active), bool) if leave is None else leave(probs)
+        out[active[chosen]] = probs[chosen]
+        active = active[~chosen]
 
     for step in cascade.passes:
         reached.append(len(active) / max(n, 1))
-        if not len(active):
-            continue
-        run_graph(step.member, step.precision)
-        probs = estimate()
-        leave = step.decides(margins(probs))
-        assert out is not None
-        out[active[leave]] = probs[leave]
-        active = active[~leave]
+        if len(active):
+            run_graph(step.member, step.precision)
+            settle(lambda probs: step.decides(margins(probs)))
     reached.append(len(active) / max(n, 1))
     if len(active):
         for member in range(members):
-            if seen.get(member, ("",))[0] != "float32":
-                run_graph(member, "float32")
-        probs = estimate()
-        assert out is not None
-        out[active] = probs
+            run_graph(member, "float32")
+        settle(None)
     return out if out is not None else np.zeros((0, 0), np.float32), reached
 
 
 def prefix_estimates(passes: Sequence[tuple[int, str]], raw: dict[tuple[int, str], np.ndarray],
                      inference: dict[str, Any]) -> list[np.ndarray]:
     """Every face's estimate after each pass (no face leaving), from each graph's raw probabilities."""
-    steps = recipe(inference)
     best: dict[int, tuple[str, np.ndarray]] = {}
     estimates = []
     for member, precision in passes:
         if best.get(member, ("",))[0] != "float32":
             best[member] = (precision, raw[(member, precision)])
-        estimates.append(head.apply_recipe(np.mean([r for _, r in best.values()], axis=0), steps).astype(np.float32))
+        estimates.append(estimate([r for _, r in best.values()], inference))
     return estimates
 
 
 def whole_model(raw: dict[tuple[int, str], np.ndarray], members: int, inference: dict[str, Any]) -> np.ndarray:
     """The whole model's probabilities: its recipe on the mean of every member's float32 output."""
-    return head.apply_recipe(np.mean([raw[(k, "float32")] for k in range(members)], axis=0), recipe(inference)).astype(np.float32)
+    return estimate([raw[(k, "float32")] for k in range(members)], inference)
 
 
 @dataclass(frozen=True)
@@ -187,9 +180,9 @@ def fit_passes(passes: Sequence[tuple[int, str]], raw: dict[tuple[int, str], np.
     later = whole_model(raw, members, inference)
     target = float((later.argmax(1) == labels).mean()) - max_drop if len(labels) else 0.0
     fitted: list[Pass] = []
-    for (member, precision), estimate in reversed(list(zip(passes, prefix_estimates(passes, raw, inference)))):
-        step = Pass(member, precision, fit(estimate, later, labels, target).margin)
-        later = np.where(step.decides(margins(estimate))[:, None], estimate, later)
+    for (member, precision), guess in reversed(list(zip(passes, prefix_estimates(passes, raw, inference)))):
+        step = Pass(member, precision, fit(guess, later, labels, target).margin)
+        later = np.where(step.decides(margins(guess))[:, None], guess, later)
         fitted.append(step)
     return Cascade(tuple(reversed(fitted)))
 
@@ -265,7 +258,7 @@ def choose(model_out: str, meta: dict[str, Any], faces: dict[str, Any], storage:
     raw: dict[str, dict[tuple[int, str], np.ndarray]] = {"val": {}, "test": {}}
     cost: dict[tuple[int, str], float] = {}
     for k in range(members):
-        for precision in FIRST_PASS_PRECISIONS:
+        for precision in PASS_PRECISIONS:
             # Keyed by model.keras and the calibration faces just stored: a graph found is this one.
             graph = lite.LiteModel(lite.export(f"{model_out}#{MEMBER_PREFIX}{k}", storage, precision),  # type: ignore[arg-type]
                                    meta, storage, threads=1)

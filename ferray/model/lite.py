@@ -215,6 +215,15 @@ class CascadeModel:
         self.members = len(meta.get("members") or [])
         self.uri = next(iter(graphs.values())).uri
 
+    @classmethod
+    def load(cls, model_uri: str, cascade: Any, meta: dict[str, Any], storage: StorageSettings, threads: int = 1) -> CascadeModel:
+        """The cascade of the ensemble at `model_uri` with every member graph it may run, found or converted here."""
+        from ferray.model.ensemble import MEMBER_PREFIX
+
+        graphs = {(k, p): LiteModel(export(f"{model_uri}#{MEMBER_PREFIX}{k}", storage, p), meta, storage, threads)  # type: ignore[arg-type]
+                  for k, p in cascade.graphs(len(meta.get("members") or []))}
+        return cls(cascade, graphs, meta)
+
     def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
         from ferray.model import cascade
 
