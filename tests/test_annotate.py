@@ -20,6 +20,7 @@ from ferray.annotate.detect import DRAFT_SCHEMA, FaceFinder
 from ferray.annotate.job import Job, ModelRef, face_settings, resolve_model, run_key
 from ferray.annotate.label import Labeller
 from ferray.annotate.plan import plan_units
+from ferray.annotate.stage import Actors, plan_actors
 from ferray.data import io
 from ferray.cli import EXIT_CANNOT_RUN, main
 from ferray.config import Settings, StorageSettings, load_settings
@@ -214,8 +215,8 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     for path in root.rglob("*"):
         if path.is_file():
             fs.pipe_file(f"{source[5:]}/{path.relative_to(root).as_posix()}", path.read_bytes())
-    # Fused pools here (the default splits): the rows must not depend on the layout.
-    summary = annotate.run(settings_for(pools="fused"), str(model_dir), source, out)
+    # Split pools here (the default fuses without a GPU): the rows must not depend on the layout.
+    summary = annotate.run(settings_for(pools="split"), str(model_dir), source, out)
     rows = all_rows(out, storage)
     check_run(rows, source, expected, model_dir, out, storage)
     assert summary.rows == rows.num_rows
@@ -224,7 +225,19 @@ def test_s3_prefix(s3_bucket: str, folder_run: dict[str, Any], media_root: tuple
     assert sorted(rows["id"].to_pylist()) == sorted(local["id"].to_pylist())
     assert dict(zip(rows["id"].to_pylist(), rows["label"].to_pylist())) == dict(
         zip(local["id"].to_pylist(), local["label"].to_pylist()))
-    assert annotate.run(settings_for(pools="fused"), str(model_dir), source, out).shards_written == 0
+    assert annotate.run(settings_for(pools="split"), str(model_dir), source, out).shards_written == 0
+
+
+def test_classification_runs_in_the_detect_actors_unless_it_needs_its_own() -> None:
+    """`pools: auto` on a 16-CPU, 2-GPU cluster: LiteRT on CPUs in every detect actor; its own actors for a
+    GPU share, or for the Keras runtime (TensorFlow started once per `label_every` CPUs)."""
+    def plan(**knobs: Any) -> Actors:
+        return plan_actors(load_settings(annotate=knobs).annotate, 16, 2.0)
+
+    assert plan() == Actors("fused", 16, 0, 1.0)
+    assert plan(runtime="keras") == Actors("split", 16, 2, 0.0)
+    assert plan(num_gpus=1) == Actors("split", 14, 2, 1.0)
+    assert plan(pools="split") == Actors("split", 16, 2, 0.0)
 
 
 def _finder(tmp_path: Path, faces: dict[str, Any] | None = None, **knobs: Any) -> FaceFinder:

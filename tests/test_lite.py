@@ -53,6 +53,30 @@ def test_the_graph_is_exported_once_per_model(model_dir: Path, exported: tuple[s
                      STORAGE).lite_uri is None
 
 
+def test_processes_exporting_one_graph_at_once_convert_it_once(model_dir: Path, tmp_path: Path) -> None:
+    """Annotate's actors start together on a machine that has never seen the model: one converts each graph,
+    the others wait for its file (each conversion imports TensorFlow: seconds of CPU an actor)."""
+    import subprocess
+    import sys
+
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in (artifact.MODEL_FILE, artifact.META_FILE):
+        (copy / name).write_bytes((model_dir / name).read_bytes())
+    code = ("import logging, sys\n"
+            "from pathlib import Path\n"
+            "from ferray.config import StorageSettings\n"
+            "from ferray.model import lite\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "print(lite.export(sys.argv[1], StorageSettings(), 'float32', cache_dir=Path(sys.argv[2])))\n")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(copy), str(tmp_path / "cache")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in done]
+    assert len({out.strip() for out, _ in done}) == 1, "both load the same file"
+    assert sum("graph of" in err and "written to" in err for _, err in done) == 1, "converted once"
+
+
 def test_the_shipped_model_is_cached_outside_the_package() -> None:
     folder = str(artifact.default_model_dir())
     assert lite.candidates(folder, "ab" * 32, "float32", Path("/c")) == [f"/c/{lite.lite_name('ab' * 32, 'float32')}"]

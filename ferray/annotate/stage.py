@@ -112,7 +112,12 @@ class AnnotateStage(Stage):
 
 
 def _pools(settings: AnnotateSettings) -> str:
-    return "split" if settings.pools == "auto" else settings.pools
+    """`auto`: classification in its own actors where it needs them (a GPU share; TensorFlow started once
+    for the Keras runtime), else in the detect actors: LiteRT adds ~2 CPU-s to an actor's start, and rows
+    then never leave it (docs/benchmarks-annotate.md)."""
+    if settings.pools != "auto":
+        return settings.pools
+    return "split" if settings.num_gpus or settings.runtime == "keras" else "fused"
 
 
 @dataclass(frozen=True)

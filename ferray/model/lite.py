@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -149,20 +151,43 @@ def export(model_uri: str, storage: StorageSettings, precision: Precision = "flo
     found = None if force else find(folder, sha, precision, storage, cache_dir)
     if found:
         return found
-    if precision in NEEDS_CALIBRATION and representative is None:
-        representative = load_calibration(folder, storage)
-    loaded = artifact.load(model_uri, storage)
-    data = convert(loaded.model, precision, representative)
-    for uri in candidates(folder, sha, precision, cache_dir):
-        try:
-            # Written then renamed: actors exporting the same model at once each leave a whole file.
-            io.write_bytes_atomic(uri, data, storage)
-        except OSError as error:  # a read-only install: the next place
-            log.info("lite: cannot write %s (%s)", uri, error)
-            continue
-        log.info("lite: %s graph of %s (%d KiB) written to %s", precision, model_uri, len(data) // 1024, uri)
-        return uri
+    with converting(lite_name(sha, precision), cache_dir):
+        # Another process of this machine may have written it while this one waited.
+        found = None if force else find(folder, sha, precision, storage, cache_dir)
+        if found:
+            return found
+        if precision in NEEDS_CALIBRATION and representative is None:
+            representative = load_calibration(folder, storage)
+        loaded = artifact.load(model_uri, storage)
+        data = convert(loaded.model, precision, representative)
+        for uri in candidates(folder, sha, precision, cache_dir):
+            try:
+                # Written then renamed: processes of other machines exporting it at once each leave a whole file.
+                io.write_bytes_atomic(uri, data, storage)
+            except OSError as error:  # a read-only install: the next place
+                log.info("lite: cannot write %s (%s)", uri, error)
+                continue
+            log.info("lite: %s graph of %s (%d KiB) written to %s", precision, model_uri, len(data) // 1024, uri)
+            return uri
     raise ModelError(f"nowhere to write the {precision} graph of {model_uri}: {candidates(folder, sha, precision, cache_dir)}")
+
+
+@contextmanager
+def converting(name: str, cache_dir: Path | None = None) -> Iterator[None]:
+    """Held while this machine converts the graph `name`: annotate's actors start together, and each would
+    otherwise import TensorFlow and convert the same graphs (a minute of CPU each for a cascade); the others
+    wait for the first one's file. Without a writable cache folder there is no lock, only the duplicate work."""
+    folder = cache_dir or default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / f"{name}.lock", "a")
+    except OSError as error:
+        log.info("lite: no lock for converting %s (%s)", name, error)
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
 
 
 class LiteModel:
