@@ -80,7 +80,39 @@ def test_the_anchors_are_the_models_outputs(variant: Variant) -> None:
     centres = anchors(variant)
     assert centres.shape == (count, 2)
     stride, per_cell = variant.layers[0]
-    assert np.allclose(centres[0], 0.5 * stride / variant.input) and np.allclose(centres[per_cell], (1.5 * stride / variant.input, 0.5 * stride / variant.input))
+    assert np.allclose(centres[0], 0.5 * stride) and np.allclose(centres[per_cell], (1.5 * stride, 0.5 * stride))
+    # At another input shape (a canvas), as many anchors as the resized model regresses boxes, row by row.
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], [1, 96, 160, 3], strict=False)
+    interpreter.allocate_tensors()
+    (_, count, _), _ = sorted((d["shape"] for d in interpreter.get_output_details()), key=lambda s: -s[-1])
+    wide = anchors(variant, 96, 160)
+    assert wide.shape == (count, 2) and np.allclose(wide[per_cell * (160 // stride)], (0.5 * stride, 1.5 * stride))
+
+
+def test_canvas_proposals_are_confirmed_in_a_tile_of_the_models_own_input() -> None:
+    """The short-range model on a 1280×960 photo: one canvas input proposes, a 128 px tile around each proposal
+    confirms. It finds the faces the tiles find, where they find them, and no face the tiles reject."""
+    from ferray.faces.blazeface import SHORT_RANGE, Blazeface, canvas_side, centred
+
+    assert centred((10.0, 10.0, 30.0, 30.0), 128, 288, 384) == (0, 0, 128, 128)  # moved inside the picture
+    assert centred((300.0, 200.0, 340.0, 240.0), 128, 288, 384) == (156, 256, 128, 128)
+    assert centred((0.0, 0.0, 20.0, 20.0), 128, 90, 384) == (0, 0, 90, 128)  # never taller than the picture
+    assert [canvas_side(n) for n in (1, 64, 65, 130, 600)] == [64, 64, 96, 160, 640]
+    photo = np.full((960, 1280), 110, np.uint8)
+    for top, left, side in ((100, 150, 140), (600, 900, 200)):
+        photo[top:top + side, left:left + side] = cv2.resize(load_face(SAMPLES[0]), (side, side), interpolation=cv2.INTER_CUBIC)
+    canvas = Blazeface(model_path(SHORT_RANGE), SHORT_RANGE)
+    tiled = Blazeface(model_path(SHORT_RANGE), SHORT_RANGE._replace(canvas=False))
+    found, expected = sorted(canvas(photo, 0), key=lambda b: b.left), sorted(tiled(photo, 0), key=lambda b: b.left)
+    assert len(found) == len(expected) == 2
+    for mine, theirs in zip(found, expected):
+        assert abs(mine.left - theirs.left) <= 8 and abs(mine.top - theirs.top) <= 8 and abs(mine.width() - theirs.width()) <= 8
+    # Nothing proposed where there is no face; a canvas too wide for one input is cut into several.
+    assert canvas(np.full((960, 1280), 110, np.uint8), 0) == []
+    panorama = np.full((600, 4000), 110, np.uint8)
+    panorama[200:360, 3500:3660] = cv2.resize(load_face(SAMPLES[0]), (160, 160), interpolation=cv2.INTER_CUBIC)
+    (box,) = canvas(panorama, 0)
+    assert 3480 <= box.left and box.right <= 3680, box
 
 
 @pytest.mark.parametrize("name", BY_NAME)

