@@ -86,14 +86,16 @@ def photo(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def build_photos(target: Path, faces: list[tuple[str, np.ndarray]], count: int, seed: int) -> dict[str, str]:
-    """A zip of `count` photos (JPEG quality 70–95, or PNG); returns member → true label."""
+def build_photos(target: Path, faces: list[tuple[str, np.ndarray]], count: int, seed: int,
+                 each_once: bool = False) -> dict[str, str]:
+    """A zip of `count` photos (JPEG quality 70–95, or PNG) of faces drawn at random, or of the first `count`
+    faces in order (`each_once`); returns member → true label."""
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
     truth = {}
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
         for index in range(count):
-            label, face = faces[pick.randrange(len(faces))]
+            label, face = faces[index] if each_once else faces[pick.randrange(len(faces))]
             ext, fmt = FORMATS[index % len(FORMATS)]
             buffer = pyio.BytesIO()
             options = {"quality": int(rng.integers(70, 96))} if fmt == "JPEG" else {}

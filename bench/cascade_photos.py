@@ -16,43 +16,30 @@ times in the model's ferray.json (metrics.lite.graph_ms), as `cascade.search` we
 from __future__ import annotations
 
 import argparse
-import io as pyio
 import json
 import logging
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 import annotate as bench  # bench/annotate.py, beside this script
-from annotate_photos import config_settings, photo
+import numpy as np
+from annotate_photos import build_photos, config_settings
 
 log = logging.getLogger("bench.cascade_photos")
 Raw = dict[tuple[int, str], np.ndarray]
 
 
-def build(target: Path, seed: int = 1234) -> dict[str, str]:
-    """A photo (JPEG and PNG in turn) of each PublicTest face, once; returns member → true label."""
-    rng = np.random.default_rng(seed)
-    truth = {}
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
-        for index, (label, face) in enumerate(bench.fer_faces("PublicTest_")):
-            fmt, ext = ("JPEG", "jpg") if index % 2 == 0 else ("PNG", "png")
-            buffer = pyio.BytesIO()
-            options = {"quality": int(rng.integers(70, 96))} if fmt == "JPEG" else {}
-            Image.fromarray(photo(face, rng)).save(buffer, format=fmt, **options)
-            name = f"photos/img-{index:06d}.{ext}"
-            archive.writestr(name, buffer.getvalue())
-            truth[name] = label
-    return truth
-
-
 def largest_faces(archive: Path, truth: dict[str, str], limit: int) -> tuple[np.ndarray, np.ndarray]:
     """Annotate's chip of the largest face found in each of the first `limit` photos, and its label index."""
     from ferray.annotate.detect import FaceFinder
-    from ferray.annotate.job import Job, face_settings, resolve_model, run_key, with_lite
+    from ferray.annotate.job import (
+        Job,
+        face_settings,
+        resolve_model,
+        run_key,
+        with_lite,
+    )
     from ferray.data.images import decode
     from ferray.data.schema import LABELS
     from ferray.faces.align import align_face
@@ -119,7 +106,8 @@ def main() -> None:
     if archive.exists() and known.exists():
         truth_val = json.loads(known.read_text())
     else:
-        truth_val = build(archive)
+        faces = bench.fer_faces("PublicTest_")
+        truth_val = build_photos(archive, faces, len(faces), seed=1234, each_once=True)
         known.write_text(json.dumps(truth_val))
     truth_test = json.loads((work / "photos-10.truth.json").read_text())
     meta = json.loads((artifact.default_model_dir() / artifact.META_FILE).read_text())
