@@ -155,18 +155,18 @@ class Blazeface:
         windows = tiles(size[1], size[0], own)
         # The canvas where it and one confirming tile (most pictures hold one face) cost less than the tiles.
         if self._variant.canvas and len(windows) > 1 + canvas_cost(size[1], size[0], own):
-            proposed = self._search(small, MAX_CANVAS, canvas=True, least=PROPOSE_SCORE)
+            proposed = self._search(small, tiles(size[1], size[0], MAX_CANVAS), PROPOSE_SCORE, canvas=True)
             windows = [centred(box, own, size[1], size[0]) for box in proposed]
-        return [hog_like(*(v / scale for v in box), self._variant) for box in self._search(small, own, windows)]
+        found = self._search(small, windows, self._variant.min_score)
+        return [hog_like(*(v / scale for v in box), self._variant) for box in found]
 
-    def _search(self, small: np.ndarray, window: int, windows: list[tuple[int, int, int, int]] | None = None,
-                canvas: bool = False, least: float | None = None) -> list[tuple[float, float, float, float]]:
-        """Face corners (small's px) scored at least `least` (default: the variant's min_score) in `windows` of
-        small (default: tiles of `window` px), merged by NMS."""
-        least = self._variant.min_score if least is None else least
+    def _search(self, small: np.ndarray, windows: list[tuple[int, int, int, int]], least: float,
+                canvas: bool = False) -> list[tuple[float, float, float, float]]:
+        """Face corners (small's px) scored at least `least` in the (top, left, height, width) windows of small,
+        merged by NMS."""
         found: list[tuple[float, float, float, float]] = []
         scores: list[float] = []
-        for top, left, h, w in tiles(small.shape[0], small.shape[1], window) if windows is None else windows:
+        for top, left, h, w in windows:
             for box, score in self._detect(small[top:top + h, left:left + w], least, canvas):
                 found.append((box[0] + left, box[1] + top, box[2] + left, box[3] + top))
                 scores.append(score)
