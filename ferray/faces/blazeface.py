@@ -213,9 +213,8 @@ class Blazeface:
         return self._canvases[key]
 
     def _plan(self, height: int, width: int) -> tuple[Any, int, int, int, np.ndarray]:
-        from ai_edge_litert.interpreter import (
-            Interpreter,  # here: `ferray.faces` lists detectors without loading them
-        )
+        # Imported here: `ferray.faces` lists detectors without loading them.
+        from ai_edge_litert.interpreter import Interpreter
 
         interpreter = Interpreter(model_path=str(self._path), num_threads=1)
         source = interpreter.get_input_details()[0]["index"]

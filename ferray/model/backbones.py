@@ -17,7 +17,7 @@ import keras
 from ferray.config import BackboneSettings
 from ferray.errors import FerrayError
 from ferray.model import ARTIFACT_PREFIX, BACKBONES, META_FILE, MODEL_FILE
-from ferray.model.names import file_sha256, split_member  # noqa: F401 (re-exported: callers that load Keras anyway)
+from ferray.model.names import file_sha256, split_member
 
 log = logging.getLogger(__name__)
 

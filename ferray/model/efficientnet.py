@@ -12,7 +12,8 @@ import keras
 import numpy as np
 
 from ferray.config import BackboneSettings
-from ferray.model.backbones import Backbone, BackboneWeightsError, WeightsRef, _md5, file_sha256, keras_cache_dir
+from ferray.model.backbones import Backbone, BackboneWeightsError, WeightsRef, _md5, keras_cache_dir
+from ferray.model.names import file_sha256
 
 _WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
 # md5 of Keras Applications' `efficientnetbN_notop.h5`, as Keras itself checks them.

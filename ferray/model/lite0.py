@@ -312,7 +312,8 @@ def converted_weights(pth: Path, sha256: str, cache_dir: Path) -> dict[str, np.n
 
 
 def _imagenet(settings: BackboneSettings) -> WeightsRef:
-    from ferray.model.backbones import BackboneWeightsError, WeightsRef, file_sha256
+    from ferray.model.backbones import BackboneWeightsError, WeightsRef
+    from ferray.model.names import file_sha256
 
     pth = package_pth()
     if pth is None:
