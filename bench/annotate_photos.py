@@ -155,10 +155,10 @@ def ferray_split(settings: Any, model: str, archive: Path, truth: dict[str, str]
         if batch is not None and not warm:
             # Untimed once: as in a long run, the graphs' buffers are already planned for a full batch (the
             # first batch of a new size costs LiteRT about 0.1 ms a face per float graph to plan).
-            labeller.model.predict(batch, settings.annotate.predict_batch, settings.annotate.flip_tta)
+            labeller.classify(batch)
         t4 = time.process_time()
         if batch is not None:
-            probs = labeller.model.predict(batch, settings.annotate.predict_batch, settings.annotate.flip_tta)
+            probs = labeller.classify(batch)
         times["classify"] = time.process_time() - t4
         if warm:
             continue

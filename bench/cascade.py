@@ -5,8 +5,8 @@ Usage:
   .venv/bin/python bench/cascade.py MODEL ALIGNED [--batch 256] [--repeats 3]
 
 MODEL: an ensemble whose ferray.json names a cascade (`python -m ferray.model.cascade MODEL ALIGNED`, or
-`default`). Both run on one thread, on ALIGNED's val and test faces in annotate's batches (`--batch`,
-annotate.predict_batch); CPU ms a face is the least of `--repeats` passes over test (after a warm-up),
+`default`). Both run on one thread, on ALIGNED's val and test faces handed over `--batch` at a time (as
+annotate hands over a shard's faces; each graph runs them in its own batches, `ferray.model.lite.BATCH`); CPU ms a face is the least of `--repeats` passes over test (after a warm-up),
 measured with process time, so the machine's other load counts little.
 """
 

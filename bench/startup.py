@@ -34,7 +34,7 @@ if part == "label":
     from ferray.annotate.label import Labeller
     labeller = Labeller(job)
     t2 = cpu()
-    labeller.model.predict(np.zeros((8, 48, 48, 1), np.float32), 256)
+    labeller.classify(np.zeros((8, 48, 48, 1), np.float32))
 else:
     from ferray.annotate.detect import FaceFinder
     finder = FaceFinder(job)

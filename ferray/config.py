@@ -267,7 +267,9 @@ class AnnotateSettings(Placement):
     # Images and frames aligned together: detection runs over the group before any landmarks, so that
     # each Dlib model stays in the CPU cache; a group also ends at 33 MP of pixels.
     align_group: int = Field(default=16, ge=1, le=1024)
-    predict_batch: int = Field(default=256, ge=1, le=65536)
+    # Faces a model classifies at once. None: the runtime's own (LiteRT 12, whose activations then stay
+    # in the CPU cache; Keras 256).
+    predict_batch: int | None = Field(default=None, ge=1, le=65536)
     # Flip test-time augmentation when classifying: None does as the model's ferray.json says
     # (`inference.flip_tta`); False classifies each face once: half the classify cost for a little
     # accuracy; a temperature fitted with TTA then shifts confidences slightly.

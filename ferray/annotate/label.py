@@ -58,6 +58,12 @@ class Labeller:
             uri = lite.export(job.model.uri, job.storage, job.model.lite_precision)  # type: ignore[arg-type]
         return lite.LiteModel(uri, meta, job.storage, threads=threads)
 
+    def classify(self, faces: np.ndarray) -> np.ndarray:
+        """Probabilities of raw faces (N, s, s, c), float32, in batches of annotate.predict_batch or the runtime's own."""
+        settings = self.job.settings
+        batch = {"batch_size": settings.predict_batch} if settings.predict_batch else {}
+        return self.model.predict(faces, flip_tta=settings.flip_tta, **batch)
+
     def __call__(self, drafts: pa.Table) -> pa.Table:
         size, n = self.job.model.face_size, drafts.num_rows
         chips = drafts["chip"].to_pylist()
@@ -67,7 +73,7 @@ class Labeller:
         probs_column: list[list[float] | None] = [None] * n
         if rows:
             faces = np.stack([np.frombuffer(chips[i], np.uint8).reshape(size, size, self.channels) for i in rows])
-            probs = self.model.predict(faces.astype(np.float32), self.job.settings.predict_batch, self.job.settings.flip_tta)
+            probs = self.classify(faces.astype(np.float32))
             for i, p in zip(rows, probs):
                 labels[i] = int(p.argmax())
                 confidences[i] = float(p.max())

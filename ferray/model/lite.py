@@ -21,9 +21,17 @@ from ferray.model.artifact import apply_inference
 
 log = logging.getLogger(__name__)
 
+# Faces a graph runs at once: a small batch's activations stay in the core's cache. Float32 members of the
+# shipped model take 15-17% less CPU a face at 12 than at 256, int8 ones 3-5% (bench/lite_batch.py);
+# another batch size costs the interpreter a re-plan of ~0.02 ms, so a remainder runs as it is.
+BATCH = 12
+
 Precision = Literal["float32", "float16", "int8"]
 # int8 needs representative faces to calibrate its activations; the float graphs need nothing but the model.
 NEEDS_CALIBRATION: frozenset[str] = frozenset({"int8"})
+# How a graph is made from the artifact, part of its key: a graph made another way (before `ferray.model.lean`)
+# is not taken for this one.
+GRAPH_FORMAT = "lean-1"
 # An artifact may carry its own calibration faces (raw uint8, N×s×s×c, CALIBRATION_FILE), so that its int8
 # graph can be exported on any machine, with no dataset at hand, and comes out the same wherever it is made.
 
@@ -36,8 +44,8 @@ def model_sha256(model_uri: str, storage: StorageSettings) -> str:
 
 
 def graph_key(model_uri: str, storage: StorageSettings, precision: str = "float32") -> tuple[str, str]:
-    """(the artifact's folder, what its graph at `precision` is keyed by): model.keras's sha256, or for
-    `MODEL#member_N` the sha256 of that and the member's name, so a member's graph sits beside its
+    """(the artifact's folder, what its graph at `precision` is keyed by): the sha256 of model.keras's sha256
+    and GRAPH_FORMAT, and for `MODEL#member_N` the member's name, so a member's graph sits beside its
     ensemble's. An int8 graph calibrated on the artifact's own faces is keyed by those too: other
     calibration faces make another graph."""
     import hashlib
@@ -48,11 +56,11 @@ def graph_key(model_uri: str, storage: StorageSettings, precision: str = "float3
     target, member = split_member(model_uri)
     folder, model_file = artifact.files(model_uri)
     sha = model_sha256(model_file, storage)
-    parts = [sha] if member is None else [sha, model_uri[len(target):]]
+    parts = [sha, GRAPH_FORMAT] + ([] if member is None else [model_uri[len(target):]])
     calibration = io.join(folder, CALIBRATION_FILE)
     if precision in NEEDS_CALIBRATION and io.exists(calibration, storage):
         parts.append(file_sha256(io.fetch_cached(calibration, storage)))
-    return folder, sha if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+    return folder, hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def lite_name(sha256: str, precision: Precision) -> str:
@@ -92,9 +100,12 @@ def save_calibration(folder: str, faces: np.ndarray, storage: StorageSettings) -
 
 
 def store_calibration(folder: str, faces: np.ndarray, count: int, storage: StorageSettings) -> np.ndarray:
-    """`sample_calibration` of `faces`, stored beside the artifact at `folder`; returns them."""
+    """`sample_calibration` of `faces`, stored beside the artifact at `folder` unless it holds them already
+    (the file, and the int8 graphs keyed by it, then stay as they are); returns them."""
     chosen = sample_calibration(faces, count)
-    save_calibration(folder, chosen, storage)
+    stored = load_calibration(folder, storage)
+    if stored is None or not np.array_equal(stored, chosen.astype(np.float32)):
+        save_calibration(folder, chosen, storage)
     return chosen
 
 
@@ -110,13 +121,17 @@ def load_calibration(folder: str, storage: StorageSettings) -> np.ndarray | None
 
 
 def convert(model: Any, precision: Precision, representative: np.ndarray | None = None) -> bytes:
-    """The Keras model as a LiteRT flatbuffer (float input and output at every precision).
+    """The Keras model as a LiteRT flatbuffer (float input and output at every precision), made `lean`.
 
     Through a SavedModel: converting a tf.function over Keras 3 variables keeps them as resource
     variables that the interpreter cannot read. `representative`: raw faces (N, s, s, c) for int8.
     """
     import keras
     import tensorflow as tf
+
+    from ferray.model.lean import lean
+
+    model = lean(model)
 
     with tempfile.TemporaryDirectory() as folder:
         # An explicit inference-mode endpoint: `model.export` traces the call with `training` unset, and a
@@ -202,15 +217,15 @@ class LiteModel:
         self.output = self.interpreter.get_output_details()[0]
         self._batch = -1
 
-    def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
+    def predict(self, faces: np.ndarray, batch_size: int = BATCH, flip_tta: bool | None = None) -> np.ndarray:
         """Probabilities for raw aligned faces (N, s, s, c)."""
         return apply_inference(lambda x: self._raw(x, batch_size), faces, self.meta, flip_tta)
 
-    def raw(self, faces: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def raw(self, faces: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
         """The graph's own probabilities, no TTA, offsets or temperature."""
         return self._raw(faces, batch_size)
 
-    def member_raw(self, faces: np.ndarray, flip: bool, batch_size: int = 256) -> np.ndarray:
+    def member_raw(self, faces: np.ndarray, flip: bool, batch_size: int = BATCH) -> np.ndarray:
         """The graph's probabilities with the mirrored faces' averaged in when `flip`: one member's share of
         an ensemble's mean, before the ensemble's offsets and temperature."""
         probs = self._raw(faces, batch_size)
@@ -222,7 +237,7 @@ class LiteModel:
         return np.concatenate(parts) if parts else np.zeros((0, int(self.output["shape"][-1])), np.float32)
 
     def _invoke(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) != self._batch:  # re-planning the graph for a new batch size costs a few ms
+        if len(batch) != self._batch:
             self.interpreter.resize_tensor_input(self.input["index"], list(batch.shape))
             self.interpreter.allocate_tensors()
             self._batch = len(batch)
@@ -249,7 +264,7 @@ class CascadeModel:
                   for k, p in cascade.graphs(len(meta.get("members") or []))}
         return cls(cascade, graphs, meta)
 
-    def predict(self, faces: np.ndarray, batch_size: int = 256, flip_tta: bool | None = None) -> np.ndarray:
+    def predict(self, faces: np.ndarray, batch_size: int = BATCH, flip_tta: bool | None = None) -> np.ndarray:
         from ferray.model import cascade
 
         inference = self.meta.get("inference", {})
