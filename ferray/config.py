@@ -283,7 +283,7 @@ class AnnotateSettings(Placement):
     # Keras on val when the model was made), else float32 (figures: docs/benchmarks-annotate.md).
     # `cascade` (an ensemble that names one, `ferray.model.cascade`): the members' graphs pass by pass,
     # each face leaving at the first pass sure of it, the rest through every member in float32 (the
-    # shipped default: 2.9 against 7.4 ms a face); without the model's calibration.npz `auto` runs float32.
+    # shipped default: 2.4 against 5.8 ms a face); without the model's calibration.npz `auto` runs float32.
     runtime: Literal["keras", "tflite"] = "tflite"
     lite_precision: Literal["auto", "float32", "float16", "int8", "cascade"] = "auto"
     # Per actor. `pools`: `fused` detects and classifies in one actor per CPU (the model loaded on
