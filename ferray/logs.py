@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -10,7 +11,7 @@ import re
 import sys
 import tempfile
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ferray.config import StorageSettings
 
@@ -142,22 +143,46 @@ class _QuietLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.__loader__ = module.__spec__.loader = self.inner  # type: ignore[union-attr]
-        with tempfile.TemporaryFile() as held:
+        with filtered_stderr(IMPORT_NOISE):
+            self.inner.exec_module(module)
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: re.Pattern[str]) -> Iterator[None]:
+    """stderr (the file descriptor, where native libraries write) sent to a file while inside; the lines that
+    `noise` does not match are written back to stderr afterwards, in order."""
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
             sys.stderr.flush()
-            saved = os.dup(2)
-            os.dup2(held.fileno(), 2)
-            try:
-                self.inner.exec_module(module)
-            finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not noise.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
                 sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
-                held.seek(0)
-                kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                        if not IMPORT_NOISE.search(line)]
-                if kept:
-                    sys.stderr.write("".join(kept))
-                    sys.stderr.flush()
+
+
+# LiteRT announces its CPU delegate once a process, on the first graph it plans, straight to stderr.
+LITERT_NOISE = re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.")
+_litert_planned = False
+
+
+def allocate_quietly(interpreter: Any) -> None:
+    """`interpreter.allocate_tensors()`; the first in this process without LiteRT's delegate notice (kept at -v)."""
+    global _litert_planned
+    if _litert_planned or verbose():
+        interpreter.allocate_tensors()
+        return
+    with filtered_stderr(LITERT_NOISE):
+        interpreter.allocate_tensors()
+    _litert_planned = True
 
 
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):

@@ -20,6 +20,7 @@ NOISE = re.compile("|".join([
     r"To enable the following instructions", r"cpu_feature_guard",
     r"Execution plan", r"Running Dataset", r"Total Progress", r"logging_progress", r"Progress will be logged",
     r"execution finished in", r"Started a local Ray instance", r"Token authentication is enabled",
+    r"XNNPACK delegate",
 ]))
 
 

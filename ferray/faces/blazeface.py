@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
+from ferray import logs
 from ferray.config import FacesSettings
 from ferray.faces.detect import Box
 from ferray.faces.models import Fetch, MissingModelError
@@ -220,7 +221,7 @@ class Blazeface:
         source = interpreter.get_input_details()[0]["index"]
         if (height, width) != (self._variant.input, self._variant.input):
             interpreter.resize_tensor_input(source, [1, height, width, 3], strict=False)
-        interpreter.allocate_tensors()
+        logs.allocate_quietly(interpreter)
         outputs = sorted(interpreter.get_output_details(), key=lambda d: d["shape"][-1], reverse=True)
         return interpreter, source, outputs[0]["index"], outputs[1]["index"], anchors(self._variant, height, width)
 

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from ferray import logs
 from ferray.config import StorageSettings
 from ferray.data import io
 from ferray.errors import ModelError
@@ -239,7 +240,7 @@ class LiteModel:
     def _invoke(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) != self._batch:
             self.interpreter.resize_tensor_input(self.input["index"], list(batch.shape))
-            self.interpreter.allocate_tensors()
+            logs.allocate_quietly(self.interpreter)
             self._batch = len(batch)
         self.interpreter.set_tensor(self.input["index"], batch)
         self.interpreter.invoke()
