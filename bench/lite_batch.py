@@ -6,20 +6,19 @@ Usage:
 
 MODEL (default `default`): an artifact, or an ensemble whose ferray.json names a cascade (then every graph
 the cascade may run: each member at int8 and float32). One thread, the first `--faces` val faces of ALIGNED,
-each graph's interpreter planned once per size; a figure is the least of `--repeats` passes (process time,
-after a warm-up), so the machine's other load counts little.
+each graph run as annotate runs it (`LiteModel.raw`); a figure is `cascade.cpu_ms`, the least of `--repeats`
+passes in thread CPU time after a warm-up, so the machine's other load counts little.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 import numpy as np
 
 from ferray.annotate.job import resolve_model
-from ferray.config import load_settings
+from ferray.config import StorageSettings, load_settings
 from ferray.model import artifact, cascade, lite
 from ferray.model.ensemble import MEMBER_PREFIX
 from ferray.training import tune
@@ -41,25 +40,9 @@ def graphs(model_uri: str, storage: object) -> dict[str, str]:
 
 
 def cpu_ms(path: str, faces: np.ndarray, sizes: list[int], repeats: int) -> dict[int, float]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    planned = {}
-    for size in sizes:
-        interpreter = Interpreter(model_path=path, num_threads=1)
-        index = interpreter.get_input_details()[0]["index"]
-        interpreter.resize_tensor_input(index, [size, *faces.shape[1:]])
-        interpreter.allocate_tensors()
-        planned[size] = (interpreter, index)
-    best = {size: float("inf") for size in sizes}
-    for attempt in range(repeats + 1):
-        for size, (interpreter, index) in planned.items():
-            started = time.process_time()
-            for i in range(0, len(faces) - size + 1, size):
-                interpreter.set_tensor(index, faces[i : i + size])
-                interpreter.invoke()
-            if attempt:  # the first pass warms up
-                best[size] = min(best[size], 1000 * (time.process_time() - started) / (len(faces) // size * size))
-    return best
+    """CPU ms a face of the graph at `path` run as annotate runs it (`LiteModel.raw`), in batches of each size."""
+    graph = lite.LiteModel(path, {}, StorageSettings(), threads=1)
+    return {size: cascade.cpu_ms(lambda x, size=size: graph.raw(x, size), faces, len(faces), repeats) for size in sizes}
 
 
 def main() -> None:

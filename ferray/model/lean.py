@@ -32,9 +32,7 @@ def lean(model: Any) -> Any:
         leaned = [lean(member) for member in found]
         if all(new is old for new, old in zip(leaned, found)):
             return model
-        for new, old in zip(leaned, found):
-            new.name = old.name
-        return combine(leaned)
+        return combine(leaned)  # names them member_0, member_1, ... in this order, as they were
     names = [layer.name for layer in model.layers]
     if BACKBONE not in names:
         return model

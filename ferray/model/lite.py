@@ -23,7 +23,7 @@ from ferray.model.artifact import apply_inference
 log = logging.getLogger(__name__)
 
 # Faces a graph runs at once: a small batch's activations stay in the core's cache. Float32 members of the
-# shipped model take 15-17% less CPU a face at 12 than at 256, int8 ones 3-5% (bench/lite_batch.py);
+# shipped model take 15-17% less CPU a face at 12 than at 256, int8 ones 2-4% (bench/lite_batch.py);
 # another batch size costs the interpreter a re-plan of ~0.02 ms, so a remainder runs as it is.
 BATCH = 12
 
